@@ -1,0 +1,143 @@
+"""Apply a plan (pre-start) and give devices back (post-stop, and rollback).
+
+The undo is recorded before every change; rollback lives in exactly one place
+(`assign`'s except clause) and uses the same give-back as post-stop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import rebind
+from .block import BlockDevice
+from .context import Context
+from .errors import BindError
+from .iommu import VFIO
+from .journal import DeviceRecord, VmRecord
+from .lvm import deactivate_guest_vgs
+from .pci import PciAddress, PciDevice
+from .plan import Plan
+from .waits import processes_holding, vfio_nodes, wait_exit, wait_namespaces
+
+log = logging.getLogger(__name__)
+
+
+def assign(ctx: Context, plan: Plan) -> None:
+    """Bind every planned device to vfio-pci: all of them, or none."""
+    journal = ctx.journal
+    record = journal.load(plan.vmid) or VmRecord(plan.vmid)
+    for step in (*plan.stays, *plan.steps):
+        # An entry left from an earlier start of this VM keeps the driver it recorded.
+        if record.find(str(step.device.address)) is None:
+            record.devices.append(DeviceRecord(
+                str(step.device.address), step.original_driver, step.namespaces,
+                moved=step in plan.steps))
+        if step.taken_from is not None:
+            _forget(ctx, step.taken_from, str(step.device.address))
+    journal.save(record)  # the undo, before the change
+    if not plan.steps:
+        return
+    moving = [record.find(str(s.device.address)) for s in plan.steps]
+    try:
+        if not ctx.root.sys("bus", "pci", "drivers", VFIO).is_dir():
+            try:
+                ctx.kernel.load_module("vfio-pci")
+            except Exception as e:
+                raise BindError(f"cannot load vfio-pci: {e}",
+                                hint="check that the vfio-pci module is installed") from e
+        errors = rebind.move(ctx.kernel, [(s.device, VFIO) for s in plan.steps],
+                             ctx.timeouts.rebind)
+        if errors:
+            raise BindError("; ".join(errors.values()),
+                            hint="every device was given back; see the kernel log (dmesg)")
+    except BaseException:
+        log.error("rolling back: giving back %d device(s)", len(moving))
+        try:
+            failed = give_back(ctx, record, moving, wait_for_vfio=False)
+        except Exception as e:  # log, do not hide the first error
+            log.error("rollback failed: %s", e)
+        else:
+            for msg in failed:
+                log.error("rollback: %s", msg)
+        raise
+    for step in plan.steps:
+        log.info("%s %s -> vfio-pci", step.device.address, step.original_driver or "no driver")
+
+
+def _forget(ctx: Context, vmid: int, address: str) -> None:
+    journal = ctx.journal
+    other = journal.load(vmid)
+    if other is not None:
+        other.devices = [d for d in other.devices if d.address != address]
+        journal.save(other)
+
+
+def give_back(ctx: Context, record: VmRecord, devices: list[DeviceRecord],
+              wait_for_vfio: bool = True) -> list[str]:
+    """Return each device to the driver it came from; returns one message per failure.
+
+    Devices given back (or with nothing to give back) leave the record; the others stay
+    in it, so a second post-stop can try again.
+    """
+    errors: list[str] = []
+    done: list[DeviceRecord] = []
+    ready: list[tuple[PciDevice, DeviceRecord]] = []
+    for rec in devices:
+        dev = PciDevice(ctx.root, PciAddress.parse(rec.address))
+        original = rec.original_driver
+        if not dev.exists():
+            errors.append(f"{rec.address} is no longer on the PCI bus")
+            continue
+        if original == VFIO:
+            log.info("%s stays on vfio-pci (it was there before pre-start)", rec.address)
+            done.append(rec)
+            continue
+        if dev.driver == original and dev.driver_override in (None, original):
+            if dev.driver_override is not None:
+                ctx.kernel.write(dev.sys_path / "driver_override", "\n")
+            log.info("%s is on %s already", rec.address, original or "no driver")
+            done.append(rec)
+            continue
+        if wait_for_vfio and dev.driver == VFIO:
+            users = processes_holding(ctx.root, vfio_nodes(dev))
+            left = wait_exit(users, ctx.timeouts.vfio_release) if users else []
+            if left:
+                errors.append(
+                    f"{rec.address} is still open through VFIO by pid {', '.join(map(str, left))}"
+                    f" after {ctx.timeouts.vfio_release:.0f} s; left on vfio-pci. Once that"
+                    f" process is gone, run this hook's post-stop again")
+                continue
+        ready.append((dev, rec))
+
+    failed = rebind.move(ctx.kernel, [(dev, rec.original_driver) for dev, rec in ready],
+                         ctx.timeouts.rebind, keep_override=False)
+    for dev, rec in ready:
+        addr = rec.address
+        if addr in failed:
+            errors.append(failed[addr])
+            continue
+        done.append(rec)
+        back = f"{addr} vfio-pci -> {rec.original_driver or 'no driver'}"
+        if rec.namespaces:
+            try:
+                disks = wait_namespaces(dev, rec.namespaces, ctx.timeouts.namespaces)
+            except TimeoutError as e:
+                errors.append(str(e))
+                continue
+            back += ": " + ", ".join(d.name for d in disks)
+            _restore_lvm(ctx, addr, disks, errors)
+        log.info("%s", back)
+    record.devices = [d for d in record.devices if d not in done]
+    ctx.journal.save(record)
+    return errors
+
+
+def _restore_lvm(ctx: Context, addr: str, disks: list[BlockDevice], errors: list[str]) -> None:
+    try:
+        vgs = deactivate_guest_vgs(ctx.root, disks)
+    except Exception as e:
+        errors.append(f"{addr}: could not check the guest's LVM volume groups: {e}")
+        return
+    if vgs:
+        log.info("%s: deactivated volume group(s) %s that the host had auto-activated"
+                 " (the guest's own)", addr, ", ".join(vgs))

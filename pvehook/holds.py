@@ -1,0 +1,89 @@
+"""Which running VM holds a PCI device: qemu-server's reservations and our own records.
+
+qemu-server keeps /run/qemu-server/pci-id-reservations (PVE/QemuServer/PCI.pm), one line
+per function, `<id> <vmid> pid:<pid>` for a running VM or `<id> <vmid> time:<epoch>` for
+the window before its QEMU runs; a pid that is gone or a time that passed is stale.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from .journal import Journal
+from .paths import Root
+from .pci import PciAddress, PciSelector
+
+# Our own record of another VM counts as a hold this long even when that VM has no QEMU
+# process yet: it covers the step from its pre-start to qemu-server's reservation.
+RECORD_GRACE_S = 120.0
+
+_RES_RE = re.compile(r"^(\S+)\s(\d+)\s(time|pid):(\d+)$")
+
+
+def pid_alive(root: Root, pid: int) -> bool:
+    return root.proc(str(pid)).is_dir()
+
+
+def vm_running(root: Root, vmid: int) -> bool:
+    try:
+        pid = int(root.run("qemu-server", f"{vmid}.pid").read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return False
+    return pid_alive(root, pid)
+
+
+def reservations(root: Root) -> dict[PciAddress, int]:
+    """Live qemu-server reservations: PCI function -> vmid."""
+    out: dict[PciAddress, int] = {}
+    try:
+        text = root.run("qemu-server", "pci-id-reservations").read_text()
+    except FileNotFoundError:
+        return out
+    now = time.time()
+    for line in text.splitlines():
+        m = _RES_RE.match(line.strip())
+        if not m:
+            continue
+        live = pid_alive(root, int(m[4])) if m[3] == "pid" else int(m[4]) > now
+        if not live:
+            continue
+        try:
+            sel = PciSelector.parse(m[1])
+        except ValueError:
+            continue
+        if sel.function is not None:
+            out[PciAddress(sel.domain, sel.bus, sel.slot, sel.function)] = int(m[2])
+    return out
+
+
+class Holds:
+    """Answers "is this device held by a VM other than `vmid`?" for one hook run."""
+
+    def __init__(self, root: Root, journal: Journal, vmid: int):
+        self.root = root
+        self.vmid = vmid
+        self.reserved = reservations(root)
+        self.records = [r for r in journal.all() if r.vmid != vmid]
+
+    def holder(self, address: PciAddress) -> str | None:
+        other = self.reserved.get(address)
+        if other is not None and other != self.vmid:
+            return f"VM {other} (qemu-server's PCI reservation)"
+        for rec in self.records:
+            if rec.find(str(address)) and (
+                vm_running(self.root, rec.vmid) or time.time() - rec.written < RECORD_GRACE_S
+            ):
+                return f"VM {rec.vmid} (pvehook's record in {self.root.state_dir})"
+        return None
+
+    def stale_record(self, address: PciAddress):
+        """A record of a VM that no longer runs and never gave the device back."""
+        for rec in self.records:
+            dev = rec.find(str(address))
+            if dev and self.holder(address) is None:
+                return rec, dev
+        return None
+
+    def is_taken(self, address: PciAddress) -> bool:
+        return self.holder(address) is not None

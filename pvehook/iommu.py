@@ -1,0 +1,61 @@
+"""IOMMU groups and whether one can go to a VM without taking anything from the host.
+
+VFIO hands out a whole group: every member must be unbound, on vfio-pci, or a bridge
+(Documentation/driver-api/vfio.rst, "viable" groups). A member bound to any other host
+driver means the host uses it; qemu-server would bind it to vfio-pci without asking.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .paths import Root
+from .pci import PciAddress, PciDevice
+
+VFIO = "vfio-pci"
+
+
+def iommu_enabled(root: Root) -> bool:
+    try:
+        return bool(os.listdir(root.sys("class", "iommu")))
+    except FileNotFoundError:
+        return False
+
+
+def group_members(root: Root, group: str) -> list[PciDevice]:
+    try:
+        names = sorted(os.listdir(root.sys("kernel", "iommu_groups", group, "devices")))
+    except FileNotFoundError:
+        return []
+    return [PciDevice(root, PciAddress.parse(n)) for n in names]
+
+
+@dataclass(frozen=True)
+class Member:
+    device: PciDevice
+    driver: str | None
+    verdict: str  # why it is fine, or "host" when the host uses it
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict != "host"
+
+
+def member_verdicts(root: Root, group: str, passed: set[PciAddress]) -> list[Member]:
+    """Each member with the reason it does or does not block giving the group away."""
+    out = []
+    for m in group_members(root, group):
+        drv = m.driver
+        if m.address in passed:
+            verdict = "passed to this VM"
+        elif m.is_bridge:
+            verdict = "bridge"
+        elif drv is None:
+            verdict = "unbound"
+        elif drv == VFIO:
+            verdict = "on vfio-pci"
+        else:
+            verdict = "host"
+        out.append(Member(m, drv, verdict))
+    return out

@@ -1,0 +1,341 @@
+"""A temporary tree shaped like the kernel's sysfs, and a small fake kernel.
+
+The tree has the kernel's layout and real relative symlinks (driver, iommu_group,
+/sys/block, /sys/bus/pci/devices). `FakeKernel` performs what a write to
+driver_override, unbind, bind, new_id and drivers_probe does on a real kernel: it moves
+the driver link, creates or removes the NVMe controller's namespaces (with new names,
+as the kernel does), their /dev nodes and their udev database entries. It can fail,
+hang or be slow on demand.
+
+Every bit of state lives in the tree itself, because pvehook performs the writes in a
+forked child (to put a deadline on them).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pvehook.kernel import Kernel
+from pvehook.paths import Root
+
+NVME_CLASS = 0x010802
+NIC_CLASS = 0x020000
+BRIDGE_CLASS = 0x060400
+
+
+@dataclass
+class FakeNamespace:
+    partitions: int = 0
+    fs_type: str | None = None  # udev ID_FS_TYPE of the whole namespace
+    part_fs_types: list[str | None] = field(default_factory=list)
+
+
+def _rel_link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(os.path.relpath(target, link.parent))
+
+
+class FakeHost:
+    """Builds the tree. `root` is what pvehook is given."""
+
+    def __init__(self, base: Path, iommu: bool = True, vfio_loaded: bool = False):
+        self.base = Path(base)
+        self.root = Root(self.base)
+        self.sys = self.root.sys()
+        self.fake = self.base / "fake"  # the fake kernel's own bookkeeping
+        self.fake.mkdir(parents=True, exist_ok=True)
+        for d in ("bus/pci/devices", "block", "class/block", "kernel/iommu_groups",
+                  "class/iommu", "devices/pci0000:00"):
+            (self.sys / d).mkdir(parents=True, exist_ok=True)
+        (self.sys / "bus/pci/drivers_probe").write_text("")
+        if iommu:
+            (self.sys / "class/iommu/dmar0").mkdir()
+        for d in ("nvme", "pcieport", "e1000e"):
+            self.add_driver(d)
+        if vfio_loaded:
+            self.add_driver("vfio-pci")
+        self.root.proc("self").mkdir(parents=True, exist_ok=True)
+        self.root.proc("self/mountinfo").write_text(
+            "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n")
+        self.root.proc("swaps").write_text(
+            "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")
+        for d in ("udev/data", "qemu-server"):
+            self.root.run(d).mkdir(parents=True, exist_ok=True)
+        self.root.dev().mkdir(parents=True, exist_ok=True)
+        self.root.pve("qemu-server").mkdir(parents=True, exist_ok=True)
+        self._save_state({"next_ctrl": 0, "next_minor": 0, "busy": [], "faults": {}})
+
+    # -- bookkeeping -------------------------------------------------------------
+    def _state(self) -> dict:
+        return json.loads((self.fake / "state.json").read_text())
+
+    def _save_state(self, state: dict) -> None:
+        tmp = self.fake / "state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.fake / "state.json")
+
+    def _spec(self, addr: str) -> dict:
+        return json.loads((self.fake / f"{addr}.json").read_text())
+
+    # -- building ----------------------------------------------------------------
+    def add_driver(self, name: str) -> None:
+        d = self.sys / "bus/pci/drivers" / name
+        d.mkdir(parents=True, exist_ok=True)
+        for f in ("bind", "unbind", "new_id", "remove_id"):
+            (d / f).write_text("")
+
+    def device_dir(self, addr: str) -> Path:
+        return (self.sys / "bus/pci/devices" / addr).resolve()
+
+    def add_pci(self, addr: str, *, cls: int = NVME_CLASS, vendor: int = 0x1B36,
+                device: int = 0x0010, driver: str | None = "default",
+                group: int | None = None, parent: str | None = None,
+                namespaces: list[FakeNamespace] | None = None, serial: str | None = None,
+                default_driver: str | None = None) -> Path:
+        """Add one PCI function. driver="default" binds the class's usual driver."""
+        if default_driver is None:
+            default_driver = {NVME_CLASS: "nvme", NIC_CLASS: "e1000e",
+                              BRIDGE_CLASS: "pcieport"}.get(cls)
+        parent_dir = self.device_dir(parent) if parent else self.sys / "devices/pci0000:00"
+        d = parent_dir / addr
+        d.mkdir(parents=True)
+        (d / "class").write_text(f"0x{cls:06x}\n")
+        (d / "vendor").write_text(f"0x{vendor:04x}\n")
+        (d / "device").write_text(f"0x{device:04x}\n")
+        (d / "driver_override").write_text("(null)\n")
+        (d / "reset").write_text("")
+        _rel_link(self.sys / "bus/pci/devices" / addr, d)
+        if group is not None:
+            g = self.sys / "kernel/iommu_groups" / str(group)
+            (g / "devices").mkdir(parents=True, exist_ok=True)
+            _rel_link(g / "devices" / addr, d)
+            _rel_link(d / "iommu_group", g)
+        spec = {
+            "addr": addr, "default_driver": default_driver, "serial": serial or addr,
+            "group": group,
+            "namespaces": [ns.__dict__ for ns in (namespaces or [])] if cls == NVME_CLASS else [],
+        }
+        (self.fake / f"{addr}.json").write_text(json.dumps(spec))
+        if driver == "default":
+            driver = default_driver
+        if driver:
+            self.attach(addr, driver)
+        return d
+
+    # -- what the kernel does --------------------------------------------------
+    def attach(self, addr: str, driver: str) -> None:
+        d = self.device_dir(addr)
+        drv = self.sys / "bus/pci/drivers" / driver
+        _rel_link(d / "driver", drv)
+        _rel_link(drv / addr, d)
+        spec = self._spec(addr)
+        if driver == "nvme":
+            self._create_controller(addr, d, spec)
+        elif driver == "vfio-pci" and spec["group"] is not None:
+            (self.root.dev("vfio")).mkdir(exist_ok=True)
+            self.root.dev("vfio", str(spec["group"])).write_text("")
+
+    def detach(self, addr: str) -> None:
+        d = self.device_dir(addr)
+        link = d / "driver"
+        if not link.is_symlink():
+            return
+        driver = os.path.basename(os.readlink(link))
+        if driver == "nvme":
+            self._remove_controller(d)
+        elif driver == "vfio-pci":
+            group = self._spec(addr)["group"]
+            if group is not None:
+                self.root.dev("vfio", str(group)).unlink(missing_ok=True)
+        (self.sys / "bus/pci/drivers" / driver / addr).unlink()
+        link.unlink()
+
+    def _create_controller(self, addr: str, d: Path, spec: dict) -> None:
+        state = self._state()
+        ctrl = f"nvme{state['next_ctrl']}"
+        state["next_ctrl"] += 1
+        cdir = d / "nvme" / ctrl
+        cdir.mkdir(parents=True)
+        (cdir / "serial").write_text(spec["serial"] + "\n")
+        (cdir / "model").write_text("QEMU NVMe Ctrl\n")
+        for i, ns in enumerate(spec["namespaces"], start=1):
+            name = f"{ctrl}n{i}"
+            self._add_block(cdir / name, name, state, spec, ns["fs_type"])
+            for p in range(1, ns["partitions"] + 1):
+                types = ns["part_fs_types"]
+                self._add_block(cdir / name / f"{name}p{p}", f"{name}p{p}", state, spec,
+                                types[p - 1] if p - 1 < len(types) else None, part=p)
+        self._save_state(state)
+
+    def _add_block(self, bdir: Path, name: str, state: dict, spec: dict,
+                   fs_type: str | None, part: int | None = None) -> None:
+        bdir.mkdir(parents=True)
+        minor = state["next_minor"]
+        state["next_minor"] += 1
+        (bdir / "dev").write_text(f"259:{minor}\n")
+        (bdir / "size").write_text("524288\n")
+        (bdir / "holders").mkdir()
+        if part is not None:
+            (bdir / "partition").write_text(f"{part}\n")
+        else:
+            (bdir / "wwid").write_text(f"nvme.1b36-{spec['serial']}\n")
+        _rel_link(self.sys / "class/block" / name, bdir)
+        if part is None:
+            _rel_link(self.sys / "block" / name, bdir)
+        self.root.dev(name).write_text("")
+        props = [f"E:ID_SERIAL=QEMU_NVMe_Ctrl_{spec['serial']}_1", f"E:DEVNAME=/dev/{name}"]
+        if fs_type:
+            props.append(f"E:ID_FS_TYPE={fs_type}")
+        self.root.run("udev/data", f"b259:{minor}").write_text("\n".join(props) + "\n")
+
+    def _remove_controller(self, d: Path) -> None:
+        for blk in sorted((d / "nvme").rglob("dev"), key=lambda p: len(p.parts), reverse=True):
+            bdir = blk.parent
+            name = bdir.name
+            self.root.run("udev/data", "b" + blk.read_text().strip()).unlink(missing_ok=True)
+            (self.sys / "class/block" / name).unlink(missing_ok=True)
+            (self.sys / "block" / name).unlink(missing_ok=True)
+            self.root.dev(name).unlink(missing_ok=True)
+        shutil.rmtree(d / "nvme", ignore_errors=True)
+
+    # -- how the host uses disks -------------------------------------------------
+    def block(self, name: str) -> Path:
+        return (self.sys / "class/block" / name).resolve()
+
+    def devnum(self, name: str) -> str:
+        return (self.block(name) / "dev").read_text().strip()
+
+    def mount(self, name: str, mountpoint: str, fstype: str = "ext4") -> None:
+        with open(self.root.proc("self/mountinfo"), "a") as f:
+            f.write(f"99 22 {self.devnum(name)} / {mountpoint} rw shared:9 - {fstype} "
+                    f"/dev/{name} rw\n")
+
+    def swapon(self, name: str) -> None:
+        with open(self.root.proc("swaps"), "a") as f:
+            f.write(f"/dev/{name}\t\tpartition\t1048572\t\t0\t\t-2\n")
+
+    def hold(self, name: str, holder: str = "dm-0", dm_name: str = "vg0-lv0",
+             uuid: str = "LVM-abc") -> None:
+        hdir = self.sys / "devices/virtual/block" / holder
+        (hdir / "dm").mkdir(parents=True, exist_ok=True)
+        (hdir / "dm/name").write_text(dm_name + "\n")
+        (hdir / "dm/uuid").write_text(uuid + "\n")
+        (hdir / "dev").write_text("253:0\n")
+        (hdir / "holders").mkdir(exist_ok=True)
+        _rel_link(self.sys / "class/block" / holder, hdir)
+        _rel_link(self.block(name) / "holders" / holder, hdir)
+
+    def set_busy(self, name: str) -> None:
+        """Someone holds the block device open with O_EXCL (e.g. a ZFS pool)."""
+        state = self._state()
+        state["busy"].append(name)
+        self._save_state(state)
+
+    def fault(self, addr: str, op: str, kind: str, value: float | int = 0,
+              driver: str | None = None) -> None:
+        """Make `op` (unbind, or probe: a driver taking it by drivers_probe or bind) fail (kind="errno", value=errno),
+        do nothing (kind="ignore"), or take `value` seconds (kind="delay"); only for
+        `driver` when given."""
+        state = self._state()
+        state["faults"].setdefault(addr, {})[f"{op}:{driver}" if driver else op] = [kind, value]
+        self._save_state(state)
+
+    def driver_of(self, addr: str) -> str | None:
+        link = self.device_dir(addr) / "driver"
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    def namespaces_of(self, addr: str) -> list[str]:
+        """Block devices (namespaces and partitions) under the controller, by name."""
+        ndir = self.device_dir(addr) / "nvme"
+        if not ndir.exists():
+            return []
+        return sorted(p.parent.name for p in ndir.rglob("dev"))
+
+
+class FakeKernel(Kernel):
+    """Performs writes on a FakeHost tree the way the kernel reacts to them."""
+
+    def __init__(self, host: FakeHost):
+        self.host = host
+
+    def _fault(self, addr: str, op: str, driver: str) -> bool:
+        """Apply a configured fault; True means "do nothing"."""
+        faults = self.host._state()["faults"].get(addr, {})
+        kind, value = faults.get(f"{op}:{driver}", faults.get(op, [None, 0]))
+        if kind == "errno":
+            raise OSError(value, os.strerror(value))
+        if kind == "delay":
+            time.sleep(value)
+        return kind == "ignore"
+
+    def write(self, path: Path, value: str) -> None:
+        path = Path(path)
+        sys = self.host.sys
+        rel = path.relative_to(sys)
+        parts = rel.parts
+        if parts[-1] == "driver_override":
+            if not path.exists():
+                raise OSError(errno.ENOENT, "no such device")
+            v = value.strip()
+            path.write_text((v or "(null)") + "\n")
+        elif parts[:3] == ("bus", "pci", "drivers") and parts[-1] in ("unbind", "bind"):
+            driver, addr = parts[3], value.strip()
+            d = self.host.device_dir(addr)
+            if parts[-1] == "unbind":
+                if self.host.driver_of(addr) != driver:
+                    raise OSError(errno.ENODEV, "not bound to this driver")
+                if not self._fault(addr, "unbind", driver):
+                    self.host.detach(addr)
+            else:
+                if self.host.driver_of(addr) is not None:
+                    raise OSError(errno.EBUSY, "already bound")
+                override = (d / "driver_override").read_text().strip()
+                if override not in ("(null)", driver):
+                    raise OSError(errno.ENODEV, "driver_override forbids")
+                if not self._fault(addr, "probe", driver):  # bind runs the driver's probe
+                    self.host.attach(addr, driver)
+        elif parts[:3] == ("bus", "pci", "drivers") and parts[-1] == "new_id":
+            ids = sys / "bus/pci/drivers" / parts[3] / "fake_ids"
+            with open(ids, "a") as f:
+                f.write(value.strip() + "\n")
+        elif rel == Path("bus/pci/drivers_probe"):
+            addr = value.strip()
+            if self.host.driver_of(addr) is not None:
+                return
+            chosen = self._match(addr)
+            if chosen and not self._fault(addr, "probe", chosen):
+                self.host.attach(addr, chosen)
+        else:
+            raise OSError(errno.EACCES, f"fake kernel does not know {rel}")
+
+    def _match(self, addr: str) -> str | None:
+        d = self.host.device_dir(addr)
+        drivers = self.host.sys / "bus/pci/drivers"
+        override = (d / "driver_override").read_text().strip()
+        if override != "(null)":
+            return override if (drivers / override).is_dir() else None
+        spec = self.host._spec(addr)
+        if spec["default_driver"] and (drivers / spec["default_driver"]).is_dir():
+            return spec["default_driver"]
+        vd = "{:04x} {:04x}".format(int((d / "vendor").read_text(), 16),
+                                    int((d / "device").read_text(), 16))
+        ids = drivers / "vfio-pci" / "fake_ids"
+        if ids.exists() and vd in ids.read_text().splitlines():
+            return "vfio-pci"
+        return None
+
+    def open_exclusive(self, path: Path) -> None:
+        if Path(path).name in self.host._state()["busy"]:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        super().open_exclusive(path)
+
+    def load_module(self, name: str) -> None:
+        self.host.add_driver(name.replace("_", "-"))

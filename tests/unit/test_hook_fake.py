@@ -1,0 +1,432 @@
+"""The hook's lifecycle on the fake kernel: what the tree shows afterwards."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import vm_config
+from fakesys import BRIDGE_CLASS, NIC_CLASS, FakeNamespace
+
+A = "0000:01:00.0"
+B = "0000:02:00.0"
+NIC = "0000:03:00.0"
+
+
+def nvme(host, addr=A, group=1, **kw):
+    kw.setdefault("namespaces", [FakeNamespace(partitions=2)])
+    return host.add_pci(addr, group=group, serial=f"S-{addr}", **kw)
+
+
+def record(host, vmid):
+    p = host.root.state_dir / f"{vmid}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+# -- the lifecycle ---------------------------------------------------------------------
+
+def test_assign_and_give_back(host, hook):
+    nvme(host)
+    vm_config(host, 100, "memory: 2048\nhostpci0: 0000:01:00.0,pcie=1\n")
+    before = host.namespaces_of(A)
+
+    code, out = hook(100, "pre-start")
+    assert code == 0, out
+    assert host.driver_of(A) == "vfio-pci"
+    assert (host.device_dir(A) / "driver_override").read_text().strip() == "vfio-pci"
+    assert host.namespaces_of(A) == []
+    assert f"{A} nvme -> vfio-pci" in out
+    assert record(host, 100)["devices"][0]["original_driver"] == "nvme"
+
+    code, out = hook(100, "post-stop")
+    assert code == 0, out
+    assert host.driver_of(A) == "nvme"
+    assert (host.device_dir(A) / "driver_override").read_text().strip() == "(null)"
+    after = host.namespaces_of(A)
+    assert len(after) == len(before) == 3  # the namespace and its two partitions
+    assert after != before  # the kernel gave them new names
+    assert f"{A} vfio-pci -> nvme" in out
+    assert record(host, 100) is None
+
+
+def test_short_ids_and_all_functions(host, hook):
+    nvme(host, "0000:01:00.0", group=1)
+    nvme(host, "0000:01:00.1", group=1)
+    vm_config(host, 100, "hostpci0: 01:00\n")
+    code, out = hook(100, "pre-start")
+    assert code == 0, out
+    assert host.driver_of("0000:01:00.0") == host.driver_of("0000:01:00.1") == "vfio-pci"
+
+
+def test_post_stop_twice_and_without_record(host, hook):
+    nvme(host)
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    assert hook(100, "pre-start")[0] == 0
+    assert hook(100, "post-stop")[0] == 0
+    code, out = hook(100, "post-stop")
+    assert code == 0 and "nothing to give back" in out
+    assert host.driver_of(A) == "nvme"
+    assert hook(555, "post-stop")[0] == 0
+
+
+def test_already_on_vfio_stays(host, hook):
+    host.add_driver("vfio-pci")
+    nvme(host, driver="vfio-pci")
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 0 and "already on vfio-pci" in out
+    assert hook(100, "post-stop")[0] == 0
+    assert host.driver_of(A) == "vfio-pci"
+
+
+def test_leaves_non_nvme_and_driver_keep_alone(host, hook):
+    host.add_pci(NIC, cls=NIC_CLASS, vendor=0x8086, device=0x10D3, group=3)
+    nvme(host)
+    vm_config(host, 100, f"hostpci0: {NIC}\nhostpci1: {A},driver=keep\n")
+    code, out = hook(100, "pre-start")
+    assert code == 0, out
+    assert "not an NVMe controller, left to Proxmox" in out
+    assert "driver=keep" in out
+    assert host.driver_of(NIC) == "e1000e" and host.driver_of(A) == "nvme"
+    assert record(host, 100) is None
+
+
+def test_pending_and_snapshot_sections_do_not_count(host, hook):
+    nvme(host)
+    vm_config(host, 100, f"memory: 512\n\n[PENDING]\nhostpci0: {A}\n\n[snap1]\nhostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 0 and "no hostpci devices" in out
+    assert host.driver_of(A) == "nvme"
+
+
+def test_mapping_for_this_node(host, hook):
+    nvme(host, A, group=1)
+    nvme(host, B, group=2)
+    host.root.pve("mapping").mkdir(parents=True)
+    host.root.pve("mapping", "pci.cfg").write_text(
+        "disk\n\tmap node=other,path=0000:01:00.0,id=1b36:0010\n"
+        "\tmap node=pve1,path=0000:02:00.0,id=1b36:0010\n")
+    vm_config(host, 100, "hostpci0: mapping=disk\n")
+    code, out = hook(100, "pre-start")
+    assert code == 0, out
+    assert host.driver_of(B) == "vfio-pci" and host.driver_of(A) == "nvme"
+
+
+# -- phases and arguments --------------------------------------------------------------
+
+@pytest.mark.parametrize("phase", ["post-start", "pre-stop"])
+def test_quiet_phases(host, hook, phase):
+    assert hook(100, phase) == (0, "")
+
+
+def test_unknown_phase_warns(hook):
+    code, out = hook(100, "pre-migrate")
+    assert code == 0 and "warning: unknown phase" in out
+
+
+@pytest.mark.parametrize("argv", [[], ["100"], ["abc", "pre-start"], ["1", "pre-start", "x"]])
+def test_usage_errors(ctx, argv, capsys):
+    from pvehook.hook import run
+
+    assert run(argv, ctx) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_missing_config(hook):
+    code, out = hook(404, "pre-start")
+    assert code == 1 and "404.conf" in out
+
+
+def test_script_entry_point(host, tmp_path):
+    """The executable Proxmox runs: shebang, exit code, output."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=repo, PVEHOOK_ROOT=str(host.base))
+    p = subprocess.run([sys.executable, f"{repo}/hooks/pvehook-hook", "100", "nonsense"],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and "unknown phase" in p.stdout
+    p = subprocess.run([sys.executable, f"{repo}/hooks/pvehook-hook", "x"],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2
+
+
+# -- refusals: nothing changes -----------------------------------------------------------
+
+def test_iommu_off(tmp_path, hook, ctx):
+    from fakesys import FakeHost, FakeKernel
+    from pvehook.context import Context
+
+    h = FakeHost(tmp_path / "noiommu", iommu=False)
+    nvme(h)
+    vm_config(h, 100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start", Context(h.root, FakeKernel(h), "pve1", ctx.timeouts))
+    assert code == 10 and "IOMMU is off" in out
+    assert h.driver_of(A) == "nvme"
+
+
+def test_shared_group_refused_names_the_member(host, hook):
+    host.add_pci("0000:00:1e.0", cls=BRIDGE_CLASS, group=7)
+    nvme(host, group=7, parent="0000:00:1e.0")
+    host.add_pci(NIC, cls=NIC_CLASS, group=7, parent="0000:00:1e.0")
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 10
+    assert f"{NIC} (e1000e, class 020000)" in out
+    assert "not started" in out
+    assert host.driver_of(A) == "nvme" and host.driver_of(NIC) == "e1000e"
+    assert len(host.namespaces_of(A)) == 3
+    assert record(host, 100) is None
+
+
+@pytest.mark.parametrize("nic_driver", [None, "vfio-pci", "passed"])
+def test_shared_group_allowed_when_the_host_does_not_use_it(host, hook, nic_driver):
+    host.add_driver("vfio-pci")
+    nvme(host, group=7)
+    host.add_pci(NIC, cls=NIC_CLASS, group=7,
+                 driver="e1000e" if nic_driver == "passed" else nic_driver)
+    extra = f"hostpci1: {NIC}\n" if nic_driver == "passed" else ""
+    vm_config(host, 100, f"hostpci0: {A}\n{extra}")
+    code, out = hook(100, "pre-start")
+    assert code == 0, out
+    assert host.driver_of(A) == "vfio-pci"
+
+
+@pytest.mark.parametrize("use, expect", [
+    (lambda h, n: h.mount(f"{n}p1", "/mnt/data"), "mounted at /mnt/data"),
+    (lambda h, n: h.mount(n, "/srv", "xfs"), "mounted at /srv"),
+    (lambda h, n: h.mount(f"{n}p2", "/"), "holds /: it is the host's own system disk"),
+    (lambda h, n: h.mount(f"{n}p1", "/boot"), "holds /boot"),
+    (lambda h, n: h.swapon(f"{n}p2"), "is active swap"),
+    (lambda h, n: h.hold(f"{n}p1", dm_name="vg0-data"), "held by dm-0 (vg0-data), an active LVM"),
+    (lambda h, n: h.set_busy(n), "opened exclusively"),
+])
+def test_host_use_refused(host, hook, use, expect):
+    nvme(host)
+    name = host.namespaces_of(A)[0]
+    use(host, name)
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 11, out
+    assert expect in out
+    assert host.driver_of(A) == "nvme"
+
+
+def test_lvm_mounted_through_device_mapper(host, hook):
+    nvme(host)
+    name = host.namespaces_of(A)[0]
+    host.hold(f"{name}p1", dm_name="pve-root")
+    dm = host.block("dm-0")
+    with open(host.root.proc("self/mountinfo"), "a") as f:
+        f.write(f"50 22 {(dm / 'dev').read_text().strip()} / / rw - ext4 /dev/mapper/pve-root rw\n")
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 11 and "holds / through dm-0 (pve-root)" in out
+
+
+def test_zfs_pool_named(host, hook):
+    nvme(host, namespaces=[FakeNamespace(fs_type="zfs_member")])
+    name = host.namespaces_of(A)[0]
+    udev = host.root.run("udev/data", "b" + host.devnum(name))
+    udev.write_text(udev.read_text() + "E:ID_FS_LABEL=tank\n")
+    host.set_busy(name)
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 11 and "imported ZFS pool 'tank'" in out
+
+
+def test_guest_lvm_signature_passes_with_a_note(host, hook):
+    nvme(host, namespaces=[FakeNamespace(partitions=2, part_fs_types=[None, "LVM2_member"])])
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 0, out
+    assert "carries an LVM physical volume, not active on the host" in out
+    assert host.driver_of(A) == "vfio-pci"
+
+
+def test_refuses_every_device_before_changing_any(host, hook):
+    nvme(host, A, group=1)
+    nvme(host, B, group=2)
+    host.mount(host.namespaces_of(B)[0], "/mnt")
+    vm_config(host, 100, f"hostpci0: {A}\nhostpci1: {B}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 11
+    assert host.driver_of(A) == host.driver_of(B) == "nvme"
+
+
+# -- another VM holds it -----------------------------------------------------------------
+
+def fake_process(host, pid):
+    host.root.proc(str(pid)).mkdir(parents=True, exist_ok=True)
+
+
+def test_qemu_server_reservation_of_running_vm(host, hook):
+    nvme(host)
+    fake_process(host, 4242)
+    host.root.run("qemu-server", "pci-id-reservations").write_text(f"{A} 200 pid:4242\n")
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 12 and "held by VM 200" in out
+    assert host.driver_of(A) == "nvme"
+
+
+def test_stale_reservation_is_ignored(host, hook):
+    nvme(host)
+    host.root.run("qemu-server", "pci-id-reservations").write_text(
+        f"{A} 200 pid:4243\n{B} 201 time:1\n")
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    assert hook(100, "pre-start")[0] == 0
+
+
+def test_record_of_other_running_vm(host, hook):
+    nvme(host)
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    vm_config(host, 200, f"hostpci0: {A}\n")
+    assert hook(200, "pre-start")[0] == 0
+    code, out = hook(100, "pre-start")
+    assert code == 12 and "VM 200" in out
+
+
+def test_stale_record_of_stopped_vm_is_taken_over(host, hook, monkeypatch):
+    import pvehook.holds
+
+    nvme(host)
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    vm_config(host, 200, f"hostpci0: {A}\n")
+    assert hook(200, "pre-start")[0] == 0
+    monkeypatch.setattr(pvehook.holds, "RECORD_GRACE_S", 0.0)  # VM 200 never started QEMU
+    code, out = hook(100, "pre-start")
+    assert code == 0 and "taken over" in out, out
+    assert record(host, 200) is None
+    assert hook(100, "post-stop")[0] == 0
+    assert host.driver_of(A) == "nvme"
+
+
+# -- failures: all or nothing --------------------------------------------------------------
+
+def test_second_device_fails_both_end_on_nvme(host, hook):
+    nvme(host, A, group=1)
+    nvme(host, B, group=2)
+    host.fault(B, "probe", "ignore", driver="vfio-pci")  # vfio-pci does not take it
+    vm_config(host, 100, f"hostpci0: {A}\nhostpci1: {B}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 13, out
+    assert f"vfio-pci did not take {B}" in out
+    assert host.driver_of(A) == host.driver_of(B) == "nvme"
+    assert len(host.namespaces_of(A)) == len(host.namespaces_of(B)) == 3
+    assert record(host, 100) is None
+
+
+def test_unbind_error(host, hook):
+    nvme(host)
+    host.fault(A, "unbind", "errno", errno.EBUSY)
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 13 and "driver nvme did not release" in out
+    assert host.driver_of(A) == "nvme"
+
+
+def test_hanging_unbind_has_a_deadline(host, hook, ctx):
+    from dataclasses import replace
+
+    nvme(host)
+    host.fault(A, "unbind", "delay", 30)
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    ctx.timeouts = replace(ctx.timeouts, rebind=0.5)
+    code, out = hook(100, "pre-start")
+    assert code == 13
+    assert f"driver nvme did not release {A}: no answer from the kernel within" in out
+
+
+def test_killed_halfway_then_post_stop(host, hook, ctx):
+    """A record written before the change, one device moved, the hook killed."""
+    from pvehook import rebind
+    from pvehook.journal import DeviceRecord, VmRecord
+    from pvehook.pci import PciAddress, PciDevice
+
+    nvme(host, A, group=1)
+    nvme(host, B, group=2)
+    host.add_driver("vfio-pci")
+    ctx.journal.save(VmRecord(100, [DeviceRecord(A, "nvme", 1, True),
+                                    DeviceRecord(B, "nvme", 1, True)]))
+    assert rebind.move(ctx.kernel, [(PciDevice(ctx.root, PciAddress.parse(A)), "vfio-pci")]) == {}
+    assert host.driver_of(A) == "vfio-pci"
+    code, out = hook(100, "post-stop")
+    assert code == 0, out
+    assert host.driver_of(A) == host.driver_of(B) == "nvme"
+    assert record(host, 100) is None
+
+
+def test_post_stop_waits_for_qemu_to_close_vfio(host, hook):
+    nvme(host)
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    assert hook(100, "pre-start")[0] == 0
+    qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    fd_dir = host.root.proc(str(qemu.pid), "fd")
+    fd_dir.mkdir(parents=True)
+    (fd_dir / "7").symlink_to("/dev/vfio/1")
+    code, out = hook(100, "post-stop")
+    qemu.wait()
+    assert code == 0, out
+    assert host.driver_of(A) == "nvme"
+
+
+def test_post_stop_gives_up_on_a_vfio_user_that_stays(host, hook, ctx):
+    from dataclasses import replace
+
+    nvme(host)
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    assert hook(100, "pre-start")[0] == 0
+    qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        fd_dir = host.root.proc(str(qemu.pid), "fd")
+        fd_dir.mkdir(parents=True)
+        (fd_dir / "7").symlink_to("/dev/vfio/1")
+        ctx.timeouts = replace(ctx.timeouts, vfio_release=0.3)
+        code, out = hook(100, "post-stop")
+    finally:
+        qemu.kill()
+        qemu.wait()
+    assert code == 14 and f"still open through VFIO by pid {qemu.pid}" in out
+    assert host.driver_of(A) == "vfio-pci"
+    assert record(host, 100) is not None  # a later post-stop can still give it back
+    assert hook(100, "post-stop")[0] == 0
+    assert host.driver_of(A) == "nvme"
+
+
+def test_post_stop_reports_each_device(host, hook):
+    nvme(host, A, group=1)
+    nvme(host, B, group=2)
+    vm_config(host, 100, f"hostpci0: {A}\nhostpci1: {B}\n")
+    assert hook(100, "pre-start")[0] == 0
+    host.fault(A, "probe", "ignore")
+    code, out = hook(100, "post-stop")
+    assert code == 14 and f"nvme did not take {A}" in out
+    assert host.driver_of(B) == "nvme"
+    assert [d["address"] for d in record(host, 100)["devices"]] == [A]
+
+
+# -- concurrency ---------------------------------------------------------------------------
+
+def test_two_vms_one_device_exactly_one_wins(host, ctx):
+    """Two pre-starts at once, in two processes, name the same controller."""
+    nvme(host)
+    host.fault(A, "unbind", "delay", 0.3)  # widen the window
+    vm_config(host, 100, f"hostpci0: {A}\n")
+    vm_config(host, 200, f"hostpci0: {A}\n")
+    from pvehook.hook import run
+
+    pids = []
+    for vmid in (100, 200):
+        pid = os.fork()
+        if pid == 0:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os._exit(run([str(vmid), "pre-start"], ctx))
+        pids.append(pid)
+    codes = sorted(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids)
+    assert codes == [0, 12]
+    assert host.driver_of(A) == "vfio-pci"
