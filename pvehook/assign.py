@@ -124,9 +124,10 @@ def give_back(ctx: Context, record: VmRecord, devices: list[DeviceRecord],
             except TimeoutError as e:
                 errors.append(str(e))
                 continue
-            back += ": " + ", ".join(d.name for d in disks)
+            log.info("%s: %s", back, ", ".join(d.name for d in disks))
             _restore_lvm(ctx, addr, disks, errors)
-        log.info("%s", back)
+        else:
+            log.info("%s", back)
     record.devices = [d for d in record.devices if d not in done]
     ctx.journal.save(record)
     return errors

@@ -1,16 +1,19 @@
 """Move PCI functions between drivers, by address, with deadlines, several at once.
 
 Per address only (Documentation/ABI/testing/sysfs-bus-pci): set `driver_override`, write
-the address to the current driver's `unbind`, then to `drivers_probe`. Unlike vfio-pci's
+the address to the current driver's `unbind`, then to `drivers_probe` (and, for a driver
+that does not match the device by id, to the driver's `bind`). Unlike vfio-pci's
 `new_id`, this never captures an identical twin.
 
 A write to unbind/bind/drivers_probe can block for as long as the driver wants (a device
-still open through VFIO, a slow controller shutdown), and Proxmox gives the hook no
-timeout. So each such write runs in a forked child that we wait for on a pidfd with a
+still open through VFIO, a controller draining its I/O), and Proxmox gives the hook no
+timeout. So each such write runs in a forked child that we wait for on a pidfd, with a
 deadline; a child stuck in the kernel is left behind (nothing can kill a task in D state)
-with its stdio closed, so Proxmox is not kept waiting on our pipes. Children for
-different devices run at the same time: N controllers that each take seconds to shut
-down cost about one shutdown, not N.
+with its stdio and locks closed, so Proxmox is not kept waiting on our pipes.
+
+Each device goes through its own steps; all devices at the same time. N controllers
+that each take seconds to shut down cost about one shutdown, not N, and a slow device
+does not hold back the others.
 """
 
 from __future__ import annotations
@@ -27,20 +30,17 @@ from .pci import PciDevice
 DEFAULT_TIMEOUT_S = 60.0
 
 
-class Failed(Exception):
-    """One device could not be moved; the message says which driver did what."""
-
-
 @dataclass
 class _Child:
     pid: int
     pidfd: int
-    what: str
+    failure: str  # what it means when this write fails
+    deadline: float
 
 
-def _start(kernel: Kernel, path: Path, value: str, what: str) -> _Child:
+def _start(kernel: Kernel, path: Path, value: str, failure: str, timeout: float) -> _Child:
     pid = os.fork()
-    if pid == 0:  # child: one write, exit status = errno
+    if pid == 0:  # child: one write; exit status = errno
         code = 255
         try:
             null = os.open(os.devnull, os.O_RDWR)
@@ -54,38 +54,63 @@ def _start(kernel: Kernel, path: Path, value: str, what: str) -> _Child:
         except BaseException:
             pass
         os._exit(code)
-    return _Child(pid, os.pidfd_open(pid), what)
-
-
-def _wait(children: dict[str, _Child], timeout: float) -> dict[str, str]:
-    """Wait for every child until the deadline; returns key -> error for the failed."""
-    errors: dict[str, str] = {}
-    deadline = time.monotonic() + timeout
-    pending = dict(children)
-    while pending:
-        left = deadline - time.monotonic()
-        fds = [c.pidfd for c in pending.values()]
-        ready = select.select(fds, [], [], left)[0] if left > 0 else []
-        if not ready:
-            for key, c in pending.items():
-                errors[key] = f"{c.what}: no answer from the kernel within {timeout:.0f} s"
-                os.close(c.pidfd)  # the child stays, stuck in the kernel; we go on
-            break
-        for key, c in list(pending.items()):
-            if c.pidfd in ready:
-                _, status = os.waitpid(c.pid, 0)
-                os.close(c.pidfd)
-                del pending[key]
-                code = os.waitstatus_to_exitcode(status)
-                if code != 0:
-                    reason = os.strerror(code) if 0 < code < 255 else f"exit status {code}"
-                    errors[key] = f"{c.what}: {reason}"
-    return errors
+    return _Child(pid, os.pidfd_open(pid), failure, time.monotonic() + timeout)
 
 
 def _write_override(kernel: Kernel, dev: PciDevice, driver: str | None) -> None:
     # A lone newline clears driver_override (drivers/pci/pci-sysfs.c).
     kernel.write(dev.sys_path / "driver_override", (driver or "") + "\n")
+
+
+class _Move:
+    """One device's way to its target driver: unbind -> drivers_probe -> bind."""
+
+    def __init__(self, kernel: Kernel, dev: PciDevice, target: str | None, timeout: float):
+        self.kernel, self.dev, self.target, self.timeout = kernel, dev, target, timeout
+        self.addr = str(dev.address)
+        self.child: _Child | None = None
+        self.error: str | None = None
+        self.step = "start"
+
+    def advance(self) -> None:
+        """Start the next write, or finish (child None) when there is none."""
+        dev, target, addr = self.dev, self.target, self.addr
+        self.child = None
+        current = dev.driver
+        if self.step == "start" and current is not None and current != target:
+            self.step = "unbind"
+            self._write(dev.root.sys("bus", "pci", "drivers", current, "unbind"),
+                        f"driver {current} did not release {addr}")
+        elif self.step in ("start", "unbind") and target is not None and current is None:
+            self.step = "probe"
+            self._write(dev.root.sys("bus", "pci", "drivers_probe"),
+                        f"{target} did not take {addr}")
+        elif self.step == "probe" and current is None and target is not None:
+            # A driver that does not match the device by id (bound by hand before).
+            drv = dev.root.sys("bus", "pci", "drivers", target)
+            if drv.is_dir():
+                self.step = "bind"
+                self._write(drv / "bind", f"{target} did not take {addr}")
+
+    def _write(self, path: Path, failure: str) -> None:
+        self.child = _start(self.kernel, path, self.addr, failure, self.timeout)
+
+    def reap(self) -> None:
+        c = self.child
+        _, status = os.waitpid(c.pid, 0)
+        os.close(c.pidfd)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            reason = os.strerror(code) if 0 < code < 255 else f"exit status {code}"
+            self.error, self.child = f"{c.failure}: {reason}", None
+        else:
+            self.advance()
+
+    def abandon(self) -> None:
+        c = self.child
+        os.close(c.pidfd)  # the child stays, stuck in the kernel; we go on
+        self.error = f"{c.failure}: no answer from the kernel within {self.timeout:.0f} s"
+        self.child = None
 
 
 def move(kernel: Kernel, moves: list[tuple[PciDevice, str | None]],
@@ -98,53 +123,41 @@ def move(kernel: Kernel, moves: list[tuple[PciDevice, str | None]],
     is cleared afterwards.
     """
     errors: dict[str, str] = {}
-    todo: list[tuple[PciDevice, str | None]] = []
+    running: list[_Move] = []
     for dev, target in moves:
+        m = _Move(kernel, dev, target, timeout)
         try:
             _write_override(kernel, dev, target)
         except OSError as e:
-            errors[str(dev.address)] = f"cannot set driver_override of {dev.address}: {e.strerror}"
+            errors[m.addr] = f"cannot set driver_override of {m.addr}: {e.strerror}"
             continue
-        todo.append((dev, target))
+        m.advance()
+        running.append(m)
 
-    unbind: dict[str, _Child] = {}
-    for dev, target in todo:
-        current = dev.driver
-        if current is not None and current != target:
-            unbind[str(dev.address)] = _start(
-                kernel, dev.root.sys("bus", "pci", "drivers", current, "unbind"), str(dev.address),
-                f"driver {current} did not release {dev.address}")
-    errors.update(_wait(unbind, timeout))
+    while busy := [m for m in running if m.child is not None]:
+        now = time.monotonic()
+        for m in busy:
+            if m.child.deadline <= now:
+                m.abandon()
+        busy = [m for m in busy if m.child is not None]
+        if not busy:
+            break
+        wait = min(m.child.deadline for m in busy) - now
+        ready = set(select.select([m.child.pidfd for m in busy], [], [], max(wait, 0))[0])
+        for m in busy:
+            if m.child.pidfd in ready:
+                m.reap()
 
-    probe: dict[str, _Child] = {}
-    for dev, target in todo:
-        addr = str(dev.address)
-        if addr in errors or target is None or dev.driver == target:
-            continue
-        probe[addr] = _start(kernel, dev.root.sys("bus", "pci", "drivers_probe"), addr,
-                             f"{target} did not take {addr}")
-    errors.update(_wait(probe, timeout))
-
-    # A driver that does not match by id (bound by hand before) needs an explicit bind.
-    bind: dict[str, _Child] = {}
-    for dev, target in todo:
-        addr = str(dev.address)
-        if addr in errors or target is None or dev.driver is not None:
-            continue
-        drv = dev.root.sys("bus", "pci", "drivers", target)
-        if drv.is_dir():
-            bind[addr] = _start(kernel, drv / "bind", addr, f"{target} did not take {addr}")
-    errors.update(_wait(bind, timeout))
-
-    for dev, target in todo:
-        addr = str(dev.address)
-        if addr not in errors and dev.driver != target:
-            now = dev.driver or "no driver"
-            errors[addr] = (f"{target} did not take {addr} (it is on {now})" if target
-                            else f"{addr} is still on {now}")
-        if not keep_override and addr not in errors:
+    for m in running:
+        if m.error is None and m.dev.driver != m.target:
+            now_on = m.dev.driver or "no driver"
+            m.error = (f"{m.target} did not take {m.addr} (it is on {now_on})" if m.target
+                       else f"{m.addr} is still on {now_on}")
+        if m.error is None and not keep_override:
             try:
-                _write_override(kernel, dev, None)
+                _write_override(kernel, m.dev, None)
             except OSError as e:
-                errors[addr] = f"cannot clear driver_override of {addr}: {e.strerror}"
+                m.error = f"cannot clear driver_override of {m.addr}: {e.strerror}"
+        if m.error is not None:
+            errors[m.addr] = m.error
     return errors
