@@ -15,6 +15,7 @@ from .errors import BindError
 from .iommu import VFIO
 from .journal import DeviceRecord, VmRecord
 from .lvm import deactivate_guest_vgs
+from .paths import HOOK_PATH
 from .pci import PciAddress, PciDevice
 from .plan import Plan
 from .waits import processes_holding, vfio_nodes, wait_exit, wait_namespaces
@@ -38,6 +39,7 @@ def assign(ctx: Context, plan: Plan) -> None:
     if not plan.steps:
         return
     moving = [record.find(str(s.device.address)) for s in plan.steps]
+    errors = rebind.Errors()
     try:
         if not ctx.root.sys("bus", "pci", "drivers", VFIO).is_dir():
             try:
@@ -48,12 +50,17 @@ def assign(ctx: Context, plan: Plan) -> None:
         errors = rebind.move(ctx.kernel, [(s.device, VFIO) for s in plan.steps],
                              ctx.timeouts.rebind)
         if errors:
-            raise BindError("; ".join(errors.values()),
-                            hint="every device was given back; see the kernel log (dmesg)")
+            raise BindError("; ".join(errors.values()), hint=(
+                f"the kernel is still busy with {', '.join(sorted(errors.stuck))}: it stays"
+                f" in pvehook's record; once dmesg shows the driver let go, run"
+                f" `{HOOK_PATH} {plan.vmid} post-stop` to give it back" if errors.stuck else
+                "every device was given back; see the kernel log (dmesg)"))
     except BaseException:
-        log.error("rolling back: giving back %d device(s)", len(moving))
+        # A device with a write still in the kernel cannot be given back now.
+        back = [rec for rec in moving if rec.address not in errors.stuck]
+        log.error("rolling back: giving back %d device(s)", len(back))
         try:
-            failed = give_back(ctx, record, moving, wait_for_vfio=False)
+            failed = give_back(ctx, record, back, wait_for_vfio=False)
         except Exception as e:  # log, do not hide the first error
             log.error("rollback failed: %s", e)
         else:

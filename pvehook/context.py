@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .journal import Journal
 from .kernel import Kernel
@@ -19,6 +19,12 @@ class Timeouts:
     namespaces: float = 60.0  # namespaces back and processed by udev
     lock: float = 120.0  # a start waiting for a stop of the same device
 
+    @classmethod
+    def from_env(cls) -> "Timeouts":
+        """PVEHOOK_TIMEOUT_<NAME>=seconds overrides one (for tests and slow hardware)."""
+        env = {f.name: os.environ.get(f"PVEHOOK_TIMEOUT_{f.name.upper()}") for f in fields(cls)}
+        return cls(**{name: float(v) for name, v in env.items() if v})
+
 
 def node_name() -> str:
     # Proxmox's node name is the short host name (PVE::INotify::nodename).
@@ -30,7 +36,7 @@ class Context:
     root: Root = field(default_factory=Root.from_env)
     kernel: Kernel = field(default_factory=Kernel)
     node: str = field(default_factory=node_name)
-    timeouts: Timeouts = field(default_factory=Timeouts)
+    timeouts: Timeouts = field(default_factory=Timeouts.from_env)
 
     @property
     def journal(self) -> Journal:

@@ -63,21 +63,19 @@ def setup_logging(vmid: str, phase: str, to_journal: bool) -> None:
 def pre_start(ctx: Context, vmid: int) -> None:
     from .assign import assign
     from .journal import device_locks
-    from .plan import Plan, check, resolve
-    from .vmconfig import VmConfig
+    from .plan import check, prepare
 
-    plan = Plan(vmid)
-    config = VmConfig.load(ctx.root, vmid)
-    managed, passed = resolve(ctx, config, plan)
+    plan, managed, passed = prepare(ctx, vmid)
     if not plan.refusals and managed:
         with device_locks(ctx.root, [str(d.address) for d in managed], ctx.timeouts.lock):
             check(ctx, plan, managed, passed)
-            for line in plan.lines:
-                log.info("%s", line)
-            if plan.refusals:
-                raise Refusals(plan.refusals)
+            _report(plan)
             assign(ctx, plan)
-        return
+    else:
+        _report(plan)
+
+
+def _report(plan) -> None:
     for line in plan.lines:
         log.info("%s", line)
     if plan.refusals:
@@ -120,7 +118,7 @@ def run(argv: list[str], ctx: Context | None = None) -> int:
         for err in e.errors if isinstance(e, Refusals) else [e]:
             log.error("%s", err)
         if phase == "pre-start":
-            log.error("VM %d not started; no device was left off its driver", vmid)
+            log.error("VM %d not started", vmid)
         return e.exit_code
     except Exception as e:  # a bug: still a clear line, and non-zero so the start aborts
         log.exception("unexpected error in %s of VM %d: %s", phase, vmid, e)

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 
 from .block import BlockDevice
 from .paths import Root
@@ -65,3 +66,38 @@ def deactivate_guest_vgs(root: Root, disks: list[BlockDevice]) -> list[str]:
         subprocess.run(["lvm", "vgchange", "--activate", "n", vg],
                        check=True, capture_output=True, text=True)
     return sorted(active)
+
+
+@dataclass
+class Report:
+    """What one lvm report command printed, also when it failed for part of its args."""
+
+    rows: list[dict]
+    errors: list[str]  # LVM's own error messages (its JSON "log", else stderr)
+    returncode: int
+
+
+def report_partial(cmd: str, fields: str, *args: str) -> Report:
+    """`lvm <cmd> --reportformat json -o <fields> <args>`, never raising on LVM's exit code.
+
+    Given several VG names of which one does not exist, lvm2 2.03 exits 5 but still
+    prints the rows of the others, and the failure as `log` entries
+    ({"log_type": "error", "log_object_name": ..., "log_message": ...}) beside `report`.
+    Raises OSError when `lvm` cannot be run at all.
+    """
+    proc = subprocess.run(
+        ["lvm", cmd, "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields, *args],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "LC_ALL": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"},
+    )
+    key = {"pvs": "pv", "vgs": "vg", "lvs": "lv"}[cmd]
+    stderr = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    try:
+        data = json.loads(proc.stdout)
+    except ValueError:
+        return Report([], stderr or [f"lvm {cmd} exited with {proc.returncode}"], proc.returncode)
+    rows = [row for rep in data.get("report", []) for row in rep.get(key, [])]
+    errors = [e.get("log_message", "") for e in data.get("log", []) if e.get("log_type") == "error"]
+    if proc.returncode != 0 and not errors:
+        errors = stderr or [f"lvm {cmd} exited with {proc.returncode}"]
+    return Report(rows, errors, proc.returncode)

@@ -10,6 +10,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# Where the Debian package installs the hook; registered snippets run this path.
+HOOK_PATH = "/usr/share/pvehook/pvehook-hook"
+
 
 @dataclass(frozen=True)
 class Root:

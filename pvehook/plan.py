@@ -145,3 +145,25 @@ def check(ctx: Context, plan: Plan, managed: list[PciDevice], passed: set[PciAdd
     holds = Holds(ctx.root, ctx.journal, plan.vmid)
     for dev in managed:
         check_device(ctx, dev, passed, holds, plan)
+
+
+def prepare(ctx: Context, vmid: int) -> tuple[Plan, list[PciDevice], set[PciAddress]]:
+    """What needs no lock: the config, its LVM volumes, its devices. `check` follows,
+    under the device locks in the hook, without them in the CLI's dry run."""
+    from .volumes import confirm_volumes
+
+    config = VmConfig.load(ctx.root, vmid)
+    plan = Plan(vmid)
+    lines, refusals = confirm_volumes(ctx, config)
+    plan.lines += lines
+    plan.refusals += refusals
+    managed, passed = resolve(ctx, config, plan)
+    return plan, managed, passed
+
+
+def dry_run(ctx: Context, vmid: int) -> Plan:
+    """pre-start's decisions without locks and without changing anything."""
+    plan, managed, passed = prepare(ctx, vmid)
+    if not plan.refusals and managed:
+        check(ctx, plan, managed, passed)
+    return plan

@@ -9,7 +9,9 @@ A write to unbind/bind/drivers_probe can block for as long as the driver wants (
 still open through VFIO, a controller draining its I/O), and Proxmox gives the hook no
 timeout. So each such write runs in a forked child that we wait for on a pidfd, with a
 deadline; a child stuck in the kernel is left behind (nothing can kill a task in D state)
-with its stdio and locks closed, so Proxmox is not kept waiting on our pipes.
+with its stdio on /dev/null, so Proxmox is not kept waiting on our pipes. It keeps the
+device locks it inherited: until the kernel is done with that device, no other hook run
+can act on it.
 
 Each device goes through its own steps; all devices at the same time. N controllers
 that each take seconds to shut down cost about one shutdown, not N, and a slow device
@@ -44,9 +46,8 @@ def _start(kernel: Kernel, path: Path, value: str, failure: str, timeout: float)
         code = 255
         try:
             null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
+            for fd in (0, 1, 2):  # Proxmox reads the task log until these close
                 os.dup2(null, fd)
-            os.closerange(3, 65536)  # locks and pipes must not outlive us in a stuck child
             kernel.write(path, value)
             code = 0
         except OSError as e:
@@ -70,6 +71,7 @@ class _Move:
         self.addr = str(dev.address)
         self.child: _Child | None = None
         self.error: str | None = None
+        self.stuck = False  # a write of ours may still change this device, later
         self.step = "start"
 
     def advance(self) -> None:
@@ -109,12 +111,21 @@ class _Move:
     def abandon(self) -> None:
         c = self.child
         os.close(c.pidfd)  # the child stays, stuck in the kernel; we go on
-        self.error = f"{c.failure}: no answer from the kernel within {self.timeout:.0f} s"
+        self.error = f"{c.failure}: no answer from the kernel within {self.timeout:g} s"
+        self.stuck = True
         self.child = None
 
 
+class Errors(dict):
+    """address -> what went wrong; `stuck`: addresses with a write still in the kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck: set[str] = set()
+
+
 def move(kernel: Kernel, moves: list[tuple[PciDevice, str | None]],
-         timeout: float = DEFAULT_TIMEOUT_S, keep_override: bool = True) -> dict[str, str]:
+         timeout: float = DEFAULT_TIMEOUT_S, keep_override: bool = True) -> Errors:
     """Move each device to its target driver (None: leave it unbound), concurrently.
 
     Returns address -> error for every device that did not end on its target; the others
@@ -122,7 +133,7 @@ def move(kernel: Kernel, moves: list[tuple[PciDevice, str | None]],
     driver_override (so nothing else grabs the device while a VM has it); otherwise it
     is cleared afterwards.
     """
-    errors: dict[str, str] = {}
+    errors = Errors()
     running: list[_Move] = []
     for dev, target in moves:
         m = _Move(kernel, dev, target, timeout)
@@ -160,4 +171,6 @@ def move(kernel: Kernel, moves: list[tuple[PciDevice, str | None]],
                 m.error = f"cannot clear driver_override of {m.addr}: {e.strerror}"
         if m.error is not None:
             errors[m.addr] = m.error
+        if m.stuck:
+            errors.stuck.add(m.addr)
     return errors

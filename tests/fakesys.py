@@ -14,10 +14,12 @@ forked child (to put a deadline on them).
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,7 +133,23 @@ class FakeHost:
         return d
 
     # -- what the kernel does --------------------------------------------------
+    @contextmanager
+    def _kernel_lock(self):
+        # Writes for different devices run in parallel processes; the kernel serializes
+        # its own bookkeeping (instance and minor numbers), so does the fake.
+        with open(self.fake / "lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
     def attach(self, addr: str, driver: str) -> None:
+        with self._kernel_lock():
+            self._attach(addr, driver)
+
+    def detach(self, addr: str) -> None:
+        with self._kernel_lock():
+            self._detach(addr)
+
+    def _attach(self, addr: str, driver: str) -> None:
         d = self.device_dir(addr)
         drv = self.sys / "bus/pci/drivers" / driver
         _rel_link(d / "driver", drv)
@@ -143,7 +161,7 @@ class FakeHost:
             (self.root.dev("vfio")).mkdir(exist_ok=True)
             self.root.dev("vfio", str(spec["group"])).write_text("")
 
-    def detach(self, addr: str) -> None:
+    def _detach(self, addr: str) -> None:
         d = self.device_dir(addr)
         link = d / "driver"
         if not link.is_symlink():
