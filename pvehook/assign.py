@@ -31,8 +31,7 @@ def assign(ctx: Context, plan: Plan) -> None:
         # An entry left from an earlier start of this VM keeps the driver it recorded.
         if record.find(str(step.device.address)) is None:
             record.devices.append(DeviceRecord(
-                str(step.device.address), step.original_driver, step.namespaces,
-                moved=step in plan.steps))
+                str(step.device.address), step.original_driver, step.namespaces))
         if step.taken_from is not None:
             _forget(ctx, step.taken_from, str(step.device.address))
     journal.save(record)  # the undo, before the change

@@ -24,7 +24,6 @@ class DeviceRecord:
     address: str
     original_driver: str | None  # None: it had no driver
     namespaces: int = 0  # how many namespaces to wait for when it comes back
-    moved: bool = False  # False until the hook is about to unbind it
 
 
 @dataclass

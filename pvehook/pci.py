@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import ConfigError
 from .paths import Root
@@ -137,10 +136,3 @@ class PciDevice:
             return os.path.basename(os.readlink(self.sys_path / "iommu_group"))
         except FileNotFoundError:
             return None
-
-    @property
-    def real_path(self) -> Path:
-        return Path(os.path.realpath(self.sys_path))
-
-    def describe(self) -> str:
-        return f"{self.address} ({self.driver or 'no driver'}, class {self.class_code:06x})"

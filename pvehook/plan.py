@@ -5,7 +5,6 @@ Nothing here changes the system. The CLI's `check` prints the same plan.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from . import iommu
@@ -20,8 +19,6 @@ from .pci import PciAddress, PciDevice
 from .resolve import resolve_vm
 from .usage import host_use
 from .vmconfig import VmConfig
-
-log = logging.getLogger(__name__)
 
 VFIO = iommu.VFIO
 
@@ -43,10 +40,6 @@ class Plan:
     refusals: list[PvehookError] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)  # devices to move to vfio-pci
     stays: list[Step] = field(default_factory=list)  # already on vfio-pci: recorded only
-
-    @property
-    def managed(self) -> list[PciDevice]:
-        return [s.device for s in (*self.steps, *self.stays)]
 
 
 def resolve(ctx: Context, config: VmConfig, plan: Plan) -> tuple[list[PciDevice], set[PciAddress]]:

@@ -172,9 +172,10 @@ def group_verdict(root: Root, dev: PciDevice) -> dict:
     bad = [m for m in members if not m.ok]
     if bad:
         names = ", ".join(f"{m.device.address} ({m.driver})" for m in bad)
-        return {"group": group, "ok": False, "verdict": f"shared with host devices: {names}"}
+        return {"group": int(group), "ok": False,
+                "verdict": f"shared with host devices: {names}"}
     others = [m for m in members if m.device.address != dev.address]
-    return {"group": group, "ok": True,
+    return {"group": int(group), "ok": True,
             "verdict": "isolated" if not others else
             "isolated (" + ", ".join(f"{m.device.address}: {m.verdict}" for m in others) + ")"}
 

@@ -360,8 +360,7 @@ def test_killed_halfway_then_post_stop(host, hook, ctx):
     nvme(host, A, group=1)
     nvme(host, B, group=2)
     host.add_driver("vfio-pci")
-    ctx.journal.save(VmRecord(100, [DeviceRecord(A, "nvme", 1, True),
-                                    DeviceRecord(B, "nvme", 1, True)]))
+    ctx.journal.save(VmRecord(100, [DeviceRecord(A, "nvme", 1), DeviceRecord(B, "nvme", 1)]))
     assert rebind.move(ctx.kernel, [(PciDevice(ctx.root, PciAddress.parse(A)), "vfio-pci")]) == {}
     assert host.driver_of(A) == "vfio-pci"
     code, out = hook(100, "post-stop")

@@ -1,0 +1,47 @@
+"""The two phases with work: pre-start and post-stop (see hook.py for the entry)."""
+
+from __future__ import annotations
+
+from .context import Context
+from .errors import GiveBackError, Refusals
+from .tasklog import log
+
+
+def pre_start(ctx: Context, vmid: int) -> None:
+    from .assign import assign
+    from .journal import device_locks
+    from .plan import check, prepare
+
+    plan, managed, passed = prepare(ctx, vmid)
+    if not plan.refusals and managed:
+        with device_locks(ctx.root, [str(d.address) for d in managed], ctx.timeouts.lock):
+            check(ctx, plan, managed, passed)
+            _report(plan)
+            assign(ctx, plan)
+    else:
+        _report(plan)
+
+
+def _report(plan) -> None:
+    for line in plan.lines:
+        log.info("%s", line)
+    if plan.refusals:
+        raise Refusals(plan.refusals)
+
+
+def post_stop(ctx: Context, vmid: int) -> None:
+    from .assign import give_back
+    from .journal import device_locks
+
+    journal = ctx.journal
+    record = journal.load(vmid)
+    if record is None:
+        log.info("nothing recorded for VM %d: nothing to give back", vmid)
+        return
+    with device_locks(ctx.root, [d.address for d in record.devices], ctx.timeouts.lock):
+        record = journal.load(vmid)  # again, under the locks
+        if record is None:
+            return
+        errors = give_back(ctx, record, list(record.devices))
+    if errors:
+        raise GiveBackError("; ".join(errors))
