@@ -154,6 +154,25 @@ class Topology:
         self.devices.append(dev)
         return self
 
+    def multipath_nvme(self, serial: str, size: str = "256M", image: str | Path | None = None) -> "Topology":
+        """NVMe in an NVMe subsystem (CMIC multi-controller) behind its own root port: the
+        kernel's native multipath shows the namespace as a head nvme<S>n1 under the
+        subsystem and a hidden path nvme<S>c<C>n1 under the controller."""
+        slot = self._next_slot()
+        self._bus += 1
+        rp, sub, ctrl, drive = self._id("rp"), self._id("subsys"), self._id("ctrl"), self._id("d")
+        self.devices.append(Device("root-port", f"0000:00:{slot:02x}.0", qemu_args=[
+            "-device", f"pcie-root-port,id={rp},chassis={self._bus},slot={self._bus},addr={slot:x}.0"]))
+        dev = Device("nvme", f"0000:{self._bus:02x}:00.0", serial=serial, size=size,
+                     image=Path(image) if image else None)
+        dev.qemu_args = [
+            "-drive", f"file={{image}},if=none,id={drive},format=raw,cache=unsafe",
+            "-device", f"nvme-subsys,id={sub},nqn=nqn.2026-11.pvehook:{serial}",
+            "-device", f"nvme,id={ctrl},serial={serial},subsys={sub},bus={rp}",
+            "-device", f"nvme-ns,bus={ctrl},drive={drive},nsid=1,shared=on"]
+        self.devices.append(dev)
+        return self
+
     def root_nvme(self, serial: str, size: str = "256M", image: str | Path | None = None) -> "Topology":
         """NVMe directly on pcie.0 (its own IOMMU group, no root port above it)."""
         slot = self._next_slot()
@@ -220,11 +239,13 @@ vm_group() { ls "/sys/bus/pci/devices/$1/iommu_group/devices"; }
 # vm_nvme_ctrl BDF -> nvmeN controller name under BDF (needs the nvme driver bound)
 vm_nvme_ctrl() { ls "/sys/bus/pci/devices/$1/nvme" 2>/dev/null | head -1; }
 # vm_nvme_disk SERIAL -> /dev/nvmeXnY of the first namespace of the controller with SERIAL
+# (with native multipath: the head's node)
 vm_nvme_disk() {
     local c
     for c in /sys/class/nvme/nvme*; do
         [ "$(tr -d ' ' < "$c/serial")" = "$1" ] || continue
-        for n in "$c"/nvme*n*; do [ -e "$n" ] && { echo "/dev/$(basename "$n")"; return 0; }; done
+        # A multipath path nvmeXcYnZ stands for the head nvmeXnZ, the real block device.
+        for n in "$c"/nvme*n*; do [ -e "$n" ] && { basename "$n" | sed 's/^\(nvme[0-9]*\)c[0-9]*\(n[0-9]*\)$/\/dev\/\1\2/; t; s/^/\/dev\//'; return 0; }; done
     done
     return 1
 }

@@ -97,13 +97,24 @@ fact map_driver "$(vm_driver $S4)"
 fact map_other "$(vm_driver $S1)"
 run_hook map_post 102 post-stop
 fact map_driver_after "$(vm_driver $S4)"
+
+# Native multipath: the controller holds a hidden path, the disk is the subsystem's head.
+M1=$VM_BDF_M1
+ls /sys/bus/pci/devices/$M1/nvme/*/ > /results/multipath_layout.txt
+write_marker M1 "marker-M1"
+conf 103 "hostpci0: $M1"
+run_hook mp_pre 103 pre-start
+fact mp_driver "$(vm_driver $M1)"
+run_hook mp_post 103 post-stop
+fact mp_driver_after "$(vm_driver $M1)"
+fact mp_marker "$(read_marker M1)"
 exit 0
 """
 
 
 def test_lifecycle_twins_shared_group_mapping(vm_workdir):
     topo = (Topology().isolated_nvme("S1").isolated_nvme("S2")
-            .shared_group_nvme_and_nic("S3").isolated_nvme("S4"))
+            .shared_group_nvme_and_nic("S3").isolated_nvme("S4").multipath_nvme("M1"))
     (nic,) = [d.bdf for d in topo.by_kind("nic")]
     res, f = guest(f"VM_NIC={nic}\n" + LIFECYCLE, topo, vm_workdir)
     s1, s3 = topo.bdf("S1"), topo.bdf("S3")
@@ -137,6 +148,16 @@ def test_lifecycle_twins_shared_group_mapping(vm_workdir):
     assert f["rc_map_pre"] == "0", log(res, "map_pre")
     assert f["map_driver"] == "vfio-pci" and f["map_other"] == "nvme"
     assert f["rc_map_post"] == "0" and f["map_driver_after"] == "nvme"
+
+    layout = (res.results_dir / "multipath_layout.txt").read_text()
+    assert re.search(r"^nvme\d+c\d+n1$", layout, re.M), layout  # really multipath
+    pre = log(res, "mp_pre")
+    assert f["rc_mp_pre"] == "0", pre
+    assert re.search(r"nvme \(nvme\d+n1\)", pre), pre  # the head, found through the path
+    assert f["mp_driver"] == "vfio-pci"
+    assert f["rc_mp_post"] == "0", log(res, "mp_post")
+    assert re.search(r"vfio-pci -> nvme: nvme\d+n1$", log(res, "mp_post"), re.M)
+    assert f["mp_driver_after"] == "nvme" and f["mp_marker"] == "marker-M1"
 
 
 HOST_USE = r"""
