@@ -32,7 +32,7 @@ def report(cmd: str, fields: str, *args: str) -> list[dict]:
 def _settle(root: Root, vgs: set[str]) -> None:
     # Every queued udev event has run its RUN programs (the direct vgchange -aay) ...
     subprocess.run(["udevadm", "settle", "--timeout=30"], check=False)
-    if not os.path.isdir("/run/systemd/system"):
+    if not root.run("systemd", "system").is_dir():
         return
     # ... and the transient units those programs started have finished. systemd offers
     # no "wait until this unit is gone", so look every 50 ms, for at most 30 s.

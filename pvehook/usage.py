@@ -96,7 +96,7 @@ def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice]) -> DiskUse:
                 else:
                     use.reasons.append(f"{dev.name} is mounted at {m.mountpoint}{via}")
             for d in stack:
-                if str(d.dev_path) in active_swaps or f"/dev/{d.name}" in active_swaps:
+                if f"/dev/{d.name}" in active_swaps:
                     via = "" if d is dev else f" through {d.label()}"
                     use.reasons.append(f"{dev.name} is active swap{via}")
             for h in dev.holders():
