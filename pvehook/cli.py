@@ -27,7 +27,10 @@ Exit codes:
   8   the VM already has another hookscript (use --force)
   9   doctor: the node is not ready
   10-15 check: the hook's refusal (10 IOMMU, 11 disk in use by the host,
-      12 held by another VM, 13 bind, 14 give-back, 15 volume)"""
+      12 held by another VM, 13 bind, 14 give-back, 15 volume);
+      import-raw: 11 the host uses the source disk
+  16  import-raw: the VM is running, locked, or on another node
+  17  import-raw: the source starts with a disk-image or LUKS header"""
 
 MAIN_HELP = f"""Safe NVMe passthrough for Proxmox VE: opt VMs in to the pvehook hookscript
 and see what it will do. Run as root on a Proxmox VE node.
@@ -39,6 +42,7 @@ Examples:
   pvehook register 100 101           opt VMs 100 and 101 in
   pvehook register 100 --enable-snippets local
   pvehook status --json              NVMe controllers, for scripts
+  pvehook import-raw 100 /dev/disk/by-id/nvme-X local-lvm   seed a VM's disk
   pvehook unregister 100
 
 \b
@@ -296,6 +300,97 @@ def doctor(as_json):
         raise NodeNotReadyError(f"{len(errors)} problem(s) found: "
                                 + "; ".join(f["check"] for f in errors),
                                 hint="see the fixes above")
+    return 0
+
+
+# -- import-raw ------------------------------------------------------------------------------
+
+@cli.command("import-raw", epilog="""\b
+Examples:
+  pvehook import-raw 100 /dev/disk/by-id/nvme-Samsung_SSD_990_PRO_S7X local-lvm
+  pvehook import-raw 100 /dev/nvme1n1 local-lvm --bus scsi1 --cache none --dry-run
+
+\b
+The same as `qm importdisk 100 /dev/nvme1n1 local-lvm --format raw` followed by
+`qm set 100 -scsi0 local-lvm:vm-100-disk-0,cache=writeback,discard=on`, as one
+Proxmox request (POST /nodes/<node>/qemu/100/config -scsi0
+local-lvm:0,import-from=/dev/nvme1n1,format=raw,...), after checking that the VM is
+stopped, the host does not use the disk and the storage is LVM.
+
+\b
+Exit codes: 0 done; 1 Proxmox refused or the import task failed; 2 bad usage (the
+source is not a whole block device, the slot is taken); 4 not root; 5 not a Proxmox
+VE node; 6 no such VM; 7 storage missing, not lvm/lvmthin, or no snippets storage
+to register the hookscript; 8 the VM has another hookscript (--no-register); 11 the
+host uses the source disk; 16 the VM is running, locked or on another node; 17 the
+source starts with a disk-image or LUKS header.""")
+@click.argument("vmid", type=VMID, shell_complete=_vmid_completion)
+@click.argument("source", metavar="SOURCE_DISK")
+@click.argument("storage")
+@click.option("--bus", "key", default="scsi0", show_default=True, metavar="SLOT",
+              help="Disk slot of the VM to attach it to (scsiN, virtioN, sataN, ideN).")
+@click.option("--cache", type=click.Choice(["writeback", "none", "writethrough", "directsync",
+                                            "unsafe", "default"]),
+              default="writeback", show_default=True,
+              help="Cache mode of the new disk ('default': leave it to Proxmox).")
+@click.option("--no-discard", is_flag=True, help="Do not set discard=on.")
+@click.option("--no-register", is_flag=True, help="Do not set pvehook as the VM's hookscript.")
+@click.option("--snippets-storage", metavar="S", help="Directory storage for the hookscript"
+              " snippet (as `register --storage`).")
+@click.option("--dry-run", is_flag=True, help="Check everything and print what would be done.")
+@json_option
+def import_raw(vmid, source, storage, key, cache, no_discard, no_register, snippets_storage,
+               dry_run, as_json):
+    """Copy a whole disk into a new RAW LVM volume of a stopped VM and attach it.
+
+    SOURCE_DISK is a whole block device (/dev/nvme0n1, or a /dev/disk/by-id/ link to one);
+    STORAGE an lvm or lvmthin storage. The copy runs as a Proxmox task (qemu-img), its
+    progress is shown as it goes. Then pvehook is registered as the VM's hookscript.
+    """
+    from .importraw import plan_import, run_import
+    from .pve import register as do_register
+    from .report import context
+
+    def echo(line: str) -> None:
+        click.echo(line, err=as_json)
+
+    key = key.lower()
+    pve = _api()
+    ctx = context()
+    plan = plan_import(pve, ctx, vmid, source, storage, key.lower(),
+                       None if cache == "default" else cache, not no_discard,
+                       not no_register, snippets_storage)
+    for line in plan.lines:
+        echo(line)
+    for note in plan.notes:
+        echo(f"note: {note}")
+    if dry_run:
+        echo("would run: " + " ".join(plan.pvesh_argv))
+        if plan.hookscript:
+            echo(f"would register the hookscript {plan.hookscript} on VM {vmid}")
+        echo("dry run: nothing changed")
+        if as_json:
+            _emit_json({**plan.as_dict(), "dry_run": True})
+        return 0
+    done = run_import(pve, plan, echo)
+    echo(f"VM {vmid}: {key}: {done['config']}")
+    for w in done["warnings"]:
+        click.echo(f"pvehook: warning: {w}", err=True)
+    result = {**plan.as_dict(), "dry_run": False, **done, "registered": None}
+    if plan.hookscript:
+        out = do_register(pve, ctx.root, [vmid], ctx.node, snippets_storage)
+        result["registered"] = out.as_dict()
+        if out.error is not None:
+            out.error.args = (f"{out.error.args[0]} (the disk was imported and attached as"
+                              f" {key}: {done['volume']})",)
+        if not as_json:
+            return _print_outcome(out, False, "registered")
+        _emit_json(result)
+        if out.error is not None:
+            raise out.error
+        return 0
+    if as_json:
+        _emit_json(result)
     return 0
 
 

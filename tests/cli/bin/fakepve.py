@@ -1,7 +1,9 @@
 """The stand-in Proxmox VE behind tests/cli/bin/pvesh and pvesm.
 
-It does to a temporary tree (env PVEHOOK_ROOT) what the real API does to /etc/pve and the
-storages, for the API paths pvehook uses, with the real messages and error shapes:
+It does to a temporary tree (env PVEHOOK_ROOT; "/" when unset, as in the real-kernel
+guest, whose root is a throw-away overlay with its own /etc/pve) what the real API does
+to /etc/pve and the storages, for the API paths pvehook uses, with the real messages and
+error shapes:
 
 - pvesh prints uncaught errors on stderr and exits 255 (perl's die at top level;
   bin/pvesh -> PVE::CLIHandler::run_cli_handler has no eval). A PVE::Exception with a
@@ -18,6 +20,23 @@ storages, for the API paths pvehook uses, with the real messages and error shape
   <root>/fakenodes/N/<path>, the local node's (/etc/pve/local) under <root>/<path>;
   shared storages (nfs, cifs, cephfs, `shared 1`) are the same files everywhere.
 - env PVESH_LOG=<file>: every call's argv is appended as one JSON line.
+- Disks (`scsi0=...` etc. on POST/PUT .../config) as qemu-server's create_disks: a plain
+  volume is set as given; `<storage>:0,import-from=<abs path>` (any other form: "'import-from'
+  requires special syntax ...") allocates vm-<vmid>-disk-<lowest free N> on an lvm/lvmthin
+  storage, copies the source printing qemu-server's "transferred X of Y (p%)" lines (a
+  device path of the tree: <root>/<path>), frees the volume when the copy fails, and sets
+  `<disk>: <storage>:<name>,<options sorted>,size=<format_size>`. The LVs are files
+  <root>/dev/<vg>/<name>; env FAKEPVE_LVM=real makes real LVs instead (lvcreate; for the
+  real-kernel guest). env FAKEPVE_IMPORT_FAIL=<percent> fails the copy there.
+- POST .../config runs in a worker task (RESTEnvironment fork_worker): as under the real
+  pvesh (a CLI environment) in the foreground, its output on stdout as it happens, a task
+  error on stderr, the UPID printed last and exit 0 either way; env FAKEPVE_TASK_ASYNC=1
+  plays a daemon/proxied call instead (the UPID at once, the task in the background). PUT
+  does the same work without a task (update_vm_api sync). Tasks: a log per UPID under
+  <root>/var/log/pve/tasks (GET /nodes/{node}/tasks/{upid}/log: [{"n", "t"}], start/limit as
+  PVE::Tools::dump_logfile; /status: {"status": "running"|"stopped", "exitstatus": ...}).
+- GET /nodes/{node}/qemu/{vmid}/status/current: "running" while <root>/run/qemu-server/
+  <vmid>.pid exists (as /cluster/resources), with `lock` from the config.
 """
 
 from __future__ import annotations
@@ -26,10 +45,12 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-ROOT = Path(os.environ["PVEHOOK_ROOT"])
+ROOT = Path(os.environ.get("PVEHOOK_ROOT", "/"))  # "/" in the real-kernel guest
 PVE = ROOT / "etc/pve"
 DIR_TYPES = {"dir", "nfs", "cifs", "cephfs", "btrfs", "glusterfs"}
 SHARED_TYPES = {"nfs", "cifs", "cephfs", "glusterfs"}
@@ -45,6 +66,12 @@ CONTENT = {
     "zfspool": {"images", "rootdir"},
 }
 VOLID_RE = re.compile(r"^([a-z][a-z0-9\-_.]*[a-z0-9]):(.+)$", re.I)
+# PVE::QemuServer::Drive: valid drive names and NEW_DISK_RE
+DISK_KEYS = ({f"ide{i}" for i in range(4)} | {f"scsi{i}" for i in range(31)}
+             | {f"virtio{i}" for i in range(16)} | {f"sata{i}" for i in range(6)}
+             | {"efidisk0", "tpmstate0"})
+NEW_DISK_RE = re.compile(r"^(([^/:\s]+):)?(\d+(\.\d+)?)$")
+TASKS = ROOT / "var/log/pve/tasks"
 
 
 class Die(Exception):
@@ -235,6 +262,16 @@ def get_config(params, node, vmid):
 
 
 def put_config(params, node, vmid):
+    return update_config(params, node, vmid, in_task=False)
+
+
+def create_config(params, node, vmid):
+    """POST: the same as PUT, in a worker task; returns the UPID."""
+    params.pop("background_delay", None)
+    return update_config(params, node, vmid, in_task=True)
+
+
+def update_config(params, node, vmid, in_task):
     check_vmid(vmid)
     check_node(node)
     delete = [d for d in (params.pop("delete", "") or "").replace(";", ",").split(",") if d]
@@ -243,6 +280,9 @@ def put_config(params, node, vmid):
         raise param_exc({"hookscript": f"invalid format - unable to parse volume ID '{params['hookscript']}'\n"})
     if not delete and not params:
         raise Die("no options specified\n")
+    disks = {k: params[k] for k in sorted(params) if k in DISK_KEYS}
+    for key, value in disks.items():
+        check_disk(key, value)
     if "hookscript" in params:  # GuestHelpers::check_hookscript, on the VM's node
         volid = params["hookscript"]
         try:
@@ -265,7 +305,255 @@ def put_config(params, node, vmid):
         write_main_option(path, text_now, key, None)
     if "hookscript" in params:
         write_main_option(path, path.read_text(), "hookscript", params["hookscript"])
-    return None
+    for key, value in disks.items():
+        if "import-from" not in value:
+            write_main_option(path, path.read_text(), key, value)
+    imports = {k: v for k, v in disks.items() if "import-from" in v}
+
+    def work(out):
+        for k, v in imports.items():
+            import_disk(node, vmid, k, v, out)
+
+    return run_task(node, vmid, work) if in_task else work(
+        lambda line: sys.stdout.write(line + "\n"))
+
+
+# -- disks (qemu-server create_disks, ImportDisk::do_import, QemuImage::convert) --------------
+
+def parse_drive(value: str) -> tuple[str, dict[str, str]]:
+    parts = value.split(",")
+    opts = {}
+    for p in parts[1:]:
+        k, _, v = p.partition("=")
+        opts[k] = v
+    return parts[0], opts
+
+
+def check_disk(key: str, value: str) -> None:
+    """check_drive_param + check_storage_access, before anything is written."""
+    file, opts = parse_drive(value)
+    if "import-from" in opts:
+        m = NEW_DISK_RE.match(file)
+        if not m or float(m[3]) != 0:
+            raise param_exc({key: "'import-from' requires special syntax - use <storage ID>:0,"
+                                  "import-from=<source>"})
+        s = storage_cfg(m[2])
+        if "images" not in (s.get("content") or "images").split(","):
+            raise param_exc({"storage": f"storage '{m[2]}' does not support vm images"})
+        src = opts["import-from"]
+        if not src.startswith("/"):
+            raise Die("stand-in pvesh imports from absolute paths only\n")
+        p = ROOT / src.lstrip("/")
+        if not (p.is_file() or p.is_block_device()):
+            raise Die(f"can't find file '{src}'\n")
+
+
+def format_size(size: int) -> str:
+    """PVE::JSONSchema::format_size."""
+    kb, rest = divmod(size, 1024)
+    if rest:
+        return str(size)
+    mb, rest = divmod(kb, 1024)
+    if rest:
+        return f"{kb}K"
+    gb, rest = divmod(mb, 1024)
+    if rest:
+        return f"{mb}M"
+    tb, rest = divmod(gb, 1024)
+    return f"{gb}G" if rest else f"{tb}T"
+
+
+def render_bytes(value: float) -> str:
+    """PVE::Format::render_bytes($value, 1)."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    i = 0
+    while value > 1023 and i < len(units) - 1:
+        value /= 1024
+        i += 1
+    return f"{value:.1f} {units[i]}"
+
+
+def real_lvm() -> bool:
+    return os.environ.get("FAKEPVE_LVM") == "real"
+
+
+def lvm(*args: str) -> str:
+    p = subprocess.run(["lvm", *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise Die(f"lvm {args[0]} failed: {p.stderr.strip()}\n")
+    return p.stdout
+
+
+def lv_names(vg: str) -> set[str]:
+    if real_lvm():
+        return set(lvm("lvs", "--noheadings", "-o", "lv_name", vg).split())
+    d = ROOT / "dev" / vg
+    return {p.name for p in d.iterdir()} if d.is_dir() else set()
+
+
+def size_of(path: Path) -> int:
+    with open(path, "rb") as f:
+        return f.seek(0, os.SEEK_END)
+
+
+def import_disk(node: str, vmid: str, key: str, value: str, out) -> None:
+    file, opts = parse_drive(value)
+    sid = NEW_DISK_RE.match(file)[2]
+    s = storage_cfg(sid)
+    if s["type"] not in ("lvm", "lvmthin"):
+        raise Die(f"stand-in pvesh imports into lvm/lvmthin storages only, not {s['type']}\n")
+    src_name = opts.pop("import-from")
+    opts.pop("format", None)  # no longer needed
+    src = ROOT / src_name.lstrip("/")
+    size = size_of(src)
+    if not size:
+        raise Die(f"could not get file size of {src_name}\n")
+    vg = s["vgname"]
+    names = lv_names(vg)
+    name = next(f"vm-{vmid}-disk-{n}" for n in range(1000) if f"vm-{vmid}-disk-{n}" not in names)
+    if real_lvm():
+        kib = (size + 1023) // 1024
+        if s["type"] == "lvmthin":
+            lvm("lvcreate", "--type", "thin", "--virtualsize", f"{kib}k", "--name", name,
+                "--thinpool", f"{vg}/{s['thinpool']}")
+        else:
+            lvm("lvcreate", "--size", f"{kib}k", "--name", name, "--setautoactivation", "n",
+                "--wipesignatures", "y", "-y", vg)
+        dst = Path(f"/dev/{vg}/{name}")
+    else:
+        dst = ROOT / "dev" / vg / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst, "wb") as f:
+            f.truncate(size)
+    out(f'  Logical volume "{name}" created.')
+    fail_at = os.environ.get("FAKEPVE_IMPORT_FAIL")
+    try:
+        copied, shown = 0, -1.0
+        with open(src, "rb") as fi, open(dst, "r+b") as fo:
+            while True:
+                pct = round(100.0 * copied / size, 2)
+                if int(pct) != int(shown) or pct == 100.0 and shown != 100.0:
+                    out(f"transferred {render_bytes(int(size * pct / 100))} of"
+                        f" {render_bytes(size)} ({pct:.2f}%)")
+                    shown = pct
+                if fail_at is not None and pct >= float(fail_at):
+                    raise Die("copy failed: command '/usr/bin/qemu-img convert -p -n -O raw"
+                              f" {src_name} zeroinit:{dst}' failed: exit code 1\n")
+                buf = fi.read(min(1 << 20, size - copied))
+                if not buf:
+                    break
+                fo.write(buf)
+                copied += len(buf)
+            fo.flush()
+            os.fsync(fo.fileno())
+        if real_lvm():
+            lvm("lvchange", "-an", f"{vg}/{name}")
+    except BaseException:
+        if real_lvm():
+            lvm("lvremove", "-f", f"{vg}/{name}")
+        else:
+            dst.unlink()
+        raise
+    drive = ",".join([f"{sid}:{name}", *(f"{k}={v}" if v else k for k, v in
+                                          sorted({**opts, "size": format_size(size)}.items()))])
+    path, text, _ = load_config(node, vmid)
+    write_main_option(path, text, key, drive)
+    out(f"{key}: successfully created disk '{drive}'")
+
+
+# -- tasks (RESTEnvironment fork_worker, PVE::Tools::dump_logfile, API2/Tasks.pm) -----------
+
+def task_file(upid: str) -> Path:
+    # PVE::UPID::decode
+    if not re.fullmatch(r"UPID:[^/:]+:[0-9A-F]{8}:[0-9A-F]{8,9}:[0-9A-F]{8}:"
+                        r"[^:/]*:[^:/]*:[^:/]*:", upid):
+        raise param_exc({"upid": "unable to parse worker upid"})
+    return TASKS / upid
+
+
+def run_task(node: str, vmid: str, work):
+    """fork_worker: the UPID (async), or the output printed and the UPID (cli: foreground)."""
+    TASKS.mkdir(parents=True, exist_ok=True)
+    upid = (f"UPID:{node}:{os.getpid():08X}:{int(time.monotonic() * 100) & 0xFFFFFFFF:08X}:"
+            f"{int(time.time()):08X}:qmconfig:{vmid}:root@pam:")
+    log = task_file(upid)
+    log.write_text("")
+    background = os.environ.get("FAKEPVE_TASK_ASYNC") == "1"
+    if background and os.fork() != 0:
+        return upid
+    if background:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+
+    def out(line: str) -> None:
+        with open(log, "a") as f:
+            f.write(line + "\n")
+        if not background:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        if os.environ.get("FAKEPVE_TASK_DELAY"):
+            time.sleep(float(os.environ["FAKEPVE_TASK_DELAY"]))
+
+    try:
+        work(out)
+        status = "OK"
+    except Die as e:
+        status = " ".join(str(e).split())
+        if not background:
+            sys.stderr.write(status + "\n")
+        with open(log, "a") as f:
+            f.write(f"\nTASK ERROR: {status}\n")
+    else:
+        with open(log, "a") as f:
+            f.write("TASK OK\n")
+    log.with_name(log.name + ".status").write_text(status)
+    if background:
+        os._exit(0)
+    return upid
+
+
+def get_task_status(params, node, upid):
+    check_node(node)
+    log = task_file(upid)
+    if not log.exists():
+        raise param_exc({"upid": "no such task"})
+    f = upid.split(":")
+    st = log.with_name(log.name + ".status")
+    out = {"upid": upid, "node": f[1], "pid": int(f[2], 16), "pstart": int(f[3], 16),
+           "starttime": int(f[4], 16), "type": f[5], "id": f[6], "user": f[7],
+           "status": "stopped" if st.exists() else "running"}
+    if st.exists():
+        out["exitstatus"] = st.read_text()
+    return out
+
+
+def get_task_log(params, node, upid):
+    check_node(node)
+    log = task_file(upid)
+    start, limit = int(params.get("start", 0)), int(params.get("limit", 50))
+    lines = log.read_text().splitlines() if log.exists() else []
+    sel = lines[start:] if limit == 0 else lines[start:start + limit]
+    out = [{"n": start + i + 1, "t": t} for i, t in enumerate(sel)]
+    if not lines:
+        out = [{"n": 1, "t": "no content"}]
+    return out
+
+
+def get_vm_status(params, node, vmid):
+    check_vmid(vmid)
+    check_node(node)
+    conf = load_config(node, vmid)[2]
+    running = node == local_node() and (ROOT / "run/qemu-server" / f"{vmid}.pid").exists()
+    out = {"vmid": int(vmid), "status": "running" if running else "stopped",
+           "name": conf.get("name", f"VM {vmid}"), "cpus": 1, "maxmem": 2 << 30,
+           "ha": {"managed": 0}}
+    if running:
+        out["qmpstatus"] = "running"
+    if conf.get("lock"):
+        out["lock"] = conf["lock"]
+    return out
 
 
 def get_storage_index(params):
@@ -320,7 +608,13 @@ HANDLERS = [
     ("get", r"/nodes", get_nodes, set()),
     ("get", r"/nodes/([^/]+)/qemu/([^/]+)/config", get_config, {"current", "snapshot"}),
     ("set", r"/nodes/([^/]+)/qemu/([^/]+)/config", put_config,
-     {"hookscript", "delete", "digest", "revert", "skiplock", "name", "description"}),
+     {"hookscript", "delete", "digest", "revert", "skiplock", "name", "description", *DISK_KEYS}),
+    ("create", r"/nodes/([^/]+)/qemu/([^/]+)/config", create_config,
+     {"hookscript", "delete", "digest", "revert", "skiplock", "name", "description",
+      "background_delay", *DISK_KEYS}),
+    ("get", r"/nodes/([^/]+)/qemu/([^/]+)/status/current", get_vm_status, set()),
+    ("get", r"/nodes/([^/]+)/tasks/([^/]+)/status", get_task_status, set()),
+    ("get", r"/nodes/([^/]+)/tasks/([^/]+)/log", get_task_log, {"start", "limit"}),
     ("get", r"/storage", get_storage_index, {"type"}),
     ("get", r"/storage/([^/]+)", get_storage, set()),
     ("set", r"/storage/([^/]+)", put_storage, {"content", "digest", "delete", "disable", "nodes"}),
