@@ -158,7 +158,9 @@ class Pve:
                          " local backend: pip install 'proxmoxer>=1.3')") from None
             try:
                 api = ProxmoxAPI(backend="local", service="PVE", timeout=API_TIMEOUT)
-            except NotImplementedError as e:  # proxmoxer < 1.3: no local backend
+            except (NotImplementedError, TypeError) as e:
+                # proxmoxer < 1.3 has no local backend: 1.2 (PVE 8) takes "local" for an
+                # unknown backend and fails for want of a host (TypeError).
                 raise NotProxmoxError(f"proxmoxer cannot run pvesh: {e}",
                                       hint="install proxmoxer 1.3 or newer") from None
         self.api = api
