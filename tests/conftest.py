@@ -31,6 +31,3 @@ def hook(ctx, capsys):
 
     return call
 
-
-def vm_config(host, vmid: int, text: str) -> None:
-    host.root.pve("qemu-server", f"{vmid}.conf").write_text(text)

@@ -251,6 +251,10 @@ class FakeHost:
         _rel_link(self.sys / "class/block" / holder, hdir)
         _rel_link(self.block(name) / "holders" / holder, hdir)
 
+    def vm_config(self, vmid: int, text: str) -> None:
+        """Write /etc/pve/qemu-server/<vmid>.conf."""
+        self.root.pve("qemu-server", f"{vmid}.conf").write_text(text)
+
     def set_busy(self, name: str) -> None:
         """Someone holds the block device open with O_EXCL (e.g. a ZFS pool)."""
         state = self._state()

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-from conftest import vm_config
 from fakesys import BRIDGE_CLASS, NIC_CLASS, FakeNamespace
 
 A = "0000:01:00.0"
@@ -32,7 +31,7 @@ def record(host, vmid):
 
 def test_assign_and_give_back(host, hook):
     nvme(host)
-    vm_config(host, 100, "memory: 2048\nhostpci0: 0000:01:00.0,pcie=1\n")
+    host.vm_config(100, "memory: 2048\nhostpci0: 0000:01:00.0,pcie=1\n")
     before = host.namespaces_of(A)
 
     code, out = hook(100, "pre-start")
@@ -57,7 +56,7 @@ def test_assign_and_give_back(host, hook):
 def test_short_ids_and_all_functions(host, hook):
     nvme(host, "0000:01:00.0", group=1)
     nvme(host, "0000:01:00.1", group=1)
-    vm_config(host, 100, "hostpci0: 01:00\n")
+    host.vm_config(100, "hostpci0: 01:00\n")
     code, out = hook(100, "pre-start")
     assert code == 0, out
     assert host.driver_of("0000:01:00.0") == host.driver_of("0000:01:00.1") == "vfio-pci"
@@ -65,7 +64,7 @@ def test_short_ids_and_all_functions(host, hook):
 
 def test_post_stop_twice_and_without_record(host, hook):
     nvme(host)
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     assert hook(100, "pre-start")[0] == 0
     assert hook(100, "post-stop")[0] == 0
     code, out = hook(100, "post-stop")
@@ -77,7 +76,7 @@ def test_post_stop_twice_and_without_record(host, hook):
 def test_already_on_vfio_stays(host, hook):
     host.add_driver("vfio-pci")
     nvme(host, driver="vfio-pci")
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     code, out = hook(100, "pre-start")
     assert code == 0 and "already on vfio-pci" in out
     assert hook(100, "post-stop")[0] == 0
@@ -87,7 +86,7 @@ def test_already_on_vfio_stays(host, hook):
 def test_leaves_non_nvme_and_driver_keep_alone(host, hook):
     host.add_pci(NIC, cls=NIC_CLASS, vendor=0x8086, device=0x10D3, group=3)
     nvme(host)
-    vm_config(host, 100, f"hostpci0: {NIC}\nhostpci1: {A},driver=keep\n")
+    host.vm_config(100, f"hostpci0: {NIC}\nhostpci1: {A},driver=keep\n")
     code, out = hook(100, "pre-start")
     assert code == 0, out
     assert "not an NVMe controller, left to Proxmox" in out
@@ -98,7 +97,7 @@ def test_leaves_non_nvme_and_driver_keep_alone(host, hook):
 
 def test_pending_and_snapshot_sections_do_not_count(host, hook):
     nvme(host)
-    vm_config(host, 100, f"memory: 512\n\n[PENDING]\nhostpci0: {A}\n\n[snap1]\nhostpci0: {A}\n")
+    host.vm_config(100, f"memory: 512\n\n[PENDING]\nhostpci0: {A}\n\n[snap1]\nhostpci0: {A}\n")
     code, out = hook(100, "pre-start")
     assert code == 0 and "no hostpci devices" in out
     assert host.driver_of(A) == "nvme"
@@ -111,7 +110,7 @@ def test_mapping_for_this_node(host, hook):
     host.root.pve("mapping", "pci.cfg").write_text(
         "disk\n\tmap node=other,path=0000:01:00.0,id=1b36:0010\n"
         "\tmap node=pve1,path=0000:02:00.0,id=1b36:0010\n")
-    vm_config(host, 100, "hostpci0: mapping=disk\n")
+    host.vm_config(100, "hostpci0: mapping=disk\n")
     code, out = hook(100, "pre-start")
     assert code == 0, out
     assert host.driver_of(B) == "vfio-pci" and host.driver_of(A) == "nvme"
@@ -162,7 +161,7 @@ def test_iommu_off(tmp_path, hook, ctx):
 
     h = FakeHost(tmp_path / "noiommu", iommu=False)
     nvme(h)
-    vm_config(h, 100, f"hostpci0: {A}\n")
+    h.vm_config(100, f"hostpci0: {A}\n")
     code, out = hook(100, "pre-start", Context(h.root, FakeKernel(h), "pve1", ctx.timeouts))
     assert code == 10 and "IOMMU is off" in out
     assert h.driver_of(A) == "nvme"
@@ -172,7 +171,7 @@ def test_shared_group_refused_names_the_member(host, hook):
     host.add_pci("0000:00:1e.0", cls=BRIDGE_CLASS, group=7)
     nvme(host, group=7, parent="0000:00:1e.0")
     host.add_pci(NIC, cls=NIC_CLASS, group=7, parent="0000:00:1e.0")
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     code, out = hook(100, "pre-start")
     assert code == 10
     assert f"{NIC} (e1000e, class 020000)" in out
@@ -189,7 +188,7 @@ def test_shared_group_allowed_when_the_host_does_not_use_it(host, hook, nic_driv
     host.add_pci(NIC, cls=NIC_CLASS, group=7,
                  driver="e1000e" if nic_driver == "passed" else nic_driver)
     extra = f"hostpci1: {NIC}\n" if nic_driver == "passed" else ""
-    vm_config(host, 100, f"hostpci0: {A}\n{extra}")
+    host.vm_config(100, f"hostpci0: {A}\n{extra}")
     code, out = hook(100, "pre-start")
     assert code == 0, out
     assert host.driver_of(A) == "vfio-pci"
@@ -208,7 +207,7 @@ def test_host_use_refused(host, hook, use, expect):
     nvme(host)
     name = host.namespaces_of(A)[0]
     use(host, name)
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     code, out = hook(100, "pre-start")
     assert code == 11, out
     assert expect in out
@@ -222,7 +221,7 @@ def test_lvm_mounted_through_device_mapper(host, hook):
     dm = host.block("dm-0")
     with open(host.root.proc("self/mountinfo"), "a") as f:
         f.write(f"50 22 {(dm / 'dev').read_text().strip()} / / rw - ext4 /dev/mapper/pve-root rw\n")
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     code, out = hook(100, "pre-start")
     assert code == 11 and "holds / through dm-0 (pve-root)" in out
 
@@ -233,14 +232,14 @@ def test_zfs_pool_named(host, hook):
     udev = host.root.run("udev/data", "b" + host.devnum(name))
     udev.write_text(udev.read_text() + "E:ID_FS_LABEL=tank\n")
     host.set_busy(name)
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     code, out = hook(100, "pre-start")
     assert code == 11 and "imported ZFS pool 'tank'" in out
 
 
 def test_guest_lvm_signature_passes_with_a_note(host, hook):
     nvme(host, namespaces=[FakeNamespace(partitions=2, part_fs_types=[None, "LVM2_member"])])
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     code, out = hook(100, "pre-start")
     assert code == 0, out
     assert "carries an LVM physical volume, not active on the host" in out
@@ -251,7 +250,7 @@ def test_refuses_every_device_before_changing_any(host, hook):
     nvme(host, A, group=1)
     nvme(host, B, group=2)
     host.mount(host.namespaces_of(B)[0], "/mnt")
-    vm_config(host, 100, f"hostpci0: {A}\nhostpci1: {B}\n")
+    host.vm_config(100, f"hostpci0: {A}\nhostpci1: {B}\n")
     code, out = hook(100, "pre-start")
     assert code == 11
     assert host.driver_of(A) == host.driver_of(B) == "nvme"
@@ -267,7 +266,7 @@ def test_qemu_server_reservation_of_running_vm(host, hook):
     nvme(host)
     fake_process(host, 4242)
     host.root.run("qemu-server", "pci-id-reservations").write_text(f"{A} 200 pid:4242\n")
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     code, out = hook(100, "pre-start")
     assert code == 12 and "held by VM 200" in out
     assert host.driver_of(A) == "nvme"
@@ -277,14 +276,14 @@ def test_stale_reservation_is_ignored(host, hook):
     nvme(host)
     host.root.run("qemu-server", "pci-id-reservations").write_text(
         f"{A} 200 pid:4243\n{B} 201 time:1\n")
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     assert hook(100, "pre-start")[0] == 0
 
 
 def test_record_of_other_running_vm(host, hook):
     nvme(host)
-    vm_config(host, 100, f"hostpci0: {A}\n")
-    vm_config(host, 200, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
+    host.vm_config(200, f"hostpci0: {A}\n")
     assert hook(200, "pre-start")[0] == 0
     code, out = hook(100, "pre-start")
     assert code == 12 and "VM 200" in out
@@ -294,8 +293,8 @@ def test_stale_record_of_stopped_vm_is_taken_over(host, hook, monkeypatch):
     import pvehook.holds
 
     nvme(host)
-    vm_config(host, 100, f"hostpci0: {A}\n")
-    vm_config(host, 200, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
+    host.vm_config(200, f"hostpci0: {A}\n")
     assert hook(200, "pre-start")[0] == 0
     monkeypatch.setattr(pvehook.holds, "RECORD_GRACE_S", 0.0)  # VM 200 never started QEMU
     code, out = hook(100, "pre-start")
@@ -311,7 +310,7 @@ def test_second_device_fails_both_end_on_nvme(host, hook):
     nvme(host, A, group=1)
     nvme(host, B, group=2)
     host.fault(B, "probe", "ignore", driver="vfio-pci")  # vfio-pci does not take it
-    vm_config(host, 100, f"hostpci0: {A}\nhostpci1: {B}\n")
+    host.vm_config(100, f"hostpci0: {A}\nhostpci1: {B}\n")
     code, out = hook(100, "pre-start")
     assert code == 13, out
     assert f"vfio-pci did not take {B}" in out
@@ -323,7 +322,7 @@ def test_second_device_fails_both_end_on_nvme(host, hook):
 def test_unbind_error(host, hook):
     nvme(host)
     host.fault(A, "unbind", "errno", errno.EBUSY)
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     code, out = hook(100, "pre-start")
     assert code == 13 and "driver nvme did not release" in out
     assert host.driver_of(A) == "nvme"
@@ -335,7 +334,7 @@ def test_hanging_unbind_has_a_deadline(host, hook, ctx):
     nvme(host, A, group=1)
     nvme(host, B, group=2)
     host.fault(B, "unbind", "delay", 2)
-    vm_config(host, 100, f"hostpci0: {A}\nhostpci1: {B}\n")
+    host.vm_config(100, f"hostpci0: {A}\nhostpci1: {B}\n")
     ctx.timeouts = replace(ctx.timeouts, rebind=0.3)
     code, out = hook(100, "pre-start")
     assert code == 13
@@ -371,7 +370,7 @@ def test_killed_halfway_then_post_stop(host, hook, ctx):
 
 def test_post_stop_waits_for_qemu_to_close_vfio(host, hook):
     nvme(host)
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     assert hook(100, "pre-start")[0] == 0
     qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
     fd_dir = host.root.proc(str(qemu.pid), "fd")
@@ -387,7 +386,7 @@ def test_post_stop_gives_up_on_a_vfio_user_that_stays(host, hook, ctx):
     from dataclasses import replace
 
     nvme(host)
-    vm_config(host, 100, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
     assert hook(100, "pre-start")[0] == 0
     qemu = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -409,7 +408,7 @@ def test_post_stop_gives_up_on_a_vfio_user_that_stays(host, hook, ctx):
 def test_post_stop_reports_each_device(host, hook):
     nvme(host, A, group=1)
     nvme(host, B, group=2)
-    vm_config(host, 100, f"hostpci0: {A}\nhostpci1: {B}\n")
+    host.vm_config(100, f"hostpci0: {A}\nhostpci1: {B}\n")
     assert hook(100, "pre-start")[0] == 0
     host.fault(A, "probe", "ignore")
     code, out = hook(100, "post-stop")
@@ -424,8 +423,8 @@ def test_two_vms_one_device_exactly_one_wins(host, ctx):
     """Two pre-starts at once, in two processes, name the same controller."""
     nvme(host)
     host.fault(A, "unbind", "delay", 0.3)  # widen the window
-    vm_config(host, 100, f"hostpci0: {A}\n")
-    vm_config(host, 200, f"hostpci0: {A}\n")
+    host.vm_config(100, f"hostpci0: {A}\n")
+    host.vm_config(200, f"hostpci0: {A}\n")
     from pvehook.hook import run
 
     pids = []
