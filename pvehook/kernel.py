@@ -8,7 +8,6 @@ tests can put a small fake kernel in its place that does what the real one would
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 
@@ -30,4 +29,6 @@ class Kernel:
         os.close(os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
 
     def load_module(self, name: str) -> None:
+        import subprocess  # rarely needed: vfio-pci is usually loaded
+
         subprocess.run(["modprobe", name], check=True, capture_output=True, text=True)

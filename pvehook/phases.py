@@ -8,7 +8,6 @@ from .tasklog import log
 
 
 def pre_start(ctx: Context, vmid: int) -> None:
-    from .assign import assign
     from .journal import device_locks
     from .plan import check, prepare
 
@@ -17,6 +16,8 @@ def pre_start(ctx: Context, vmid: int) -> None:
         with device_locks(ctx.root, [str(d.address) for d in managed], ctx.timeouts.lock):
             check(ctx, plan, managed, passed)
             _report(plan)
+            from .assign import assign  # only now: moving devices needs rebind, lvm, waits
+
             assign(ctx, plan)
     else:
         _report(plan)

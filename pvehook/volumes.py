@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 
 from .block import BlockDevice
@@ -39,6 +38,8 @@ def parse_size(value: str) -> int | None:
     m = _SIZE_RE.match(value)
     if not m:
         return None
+    from decimal import Decimal  # exact "1.5T"; only for VMs with a size= on LVM
+
     unit = (m[2] or "")[:1]
     return int(Decimal(m[1]) * _UNITS.get(unit, 1))
 
@@ -239,8 +240,6 @@ def confirm_volumes(ctx: Context, config: VmConfig) -> tuple[list[str], list[Pve
     One line per confirmed disk, plus warning/note lines; one VolumeError per disk that
     cannot be confirmed (no LV, not RAW, used by the host).
     """
-    from . import lvm
-
     lines: list[str] = []
     refusals: list[PvehookError] = []
     disks = [d for d in config.disks
@@ -283,6 +282,8 @@ def confirm_volumes(ctx: Context, config: VmConfig) -> tuple[list[str], list[Pve
         todo.append((disk, vol))
     if not todo:
         return lines, refusals
+
+    from . import lvm  # only for VMs with disks on LVM: runs a subprocess
 
     vgs = sorted({vol.vg for _, vol in todo})
     try:
