@@ -24,15 +24,8 @@ _spec.loader.exec_module(_vm)
 vm_cache = _vm.vm_cache
 vm_workdir = _vm.vm_workdir
 
-SKIP = os.environ.get("PVEHOOK_SKIP_VM") == "1"
-
-
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(pytest.mark.vm)
-            if SKIP:
-                item.add_marker(pytest.mark.skip(reason="PVEHOOK_SKIP_VM=1"))
+    _vm.mark_vm(items, HERE)
 
 
 @pytest.fixture(scope="session")

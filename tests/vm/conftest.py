@@ -20,12 +20,17 @@ if str(HERE) not in sys.path:  # so tests can `from harness import ...` in any i
 SKIP = os.environ.get("PVEHOOK_SKIP_VM") == "1"
 
 
-def pytest_collection_modifyitems(config, items):
+def mark_vm(items, here: Path) -> None:
+    """Mark the tests under `here` as `vm` tests (skipped with PVEHOOK_SKIP_VM=1)."""
     for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
+        if here in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.vm)
             if SKIP:
                 item.add_marker(pytest.mark.skip(reason="PVEHOOK_SKIP_VM=1"))
+
+
+def pytest_collection_modifyitems(config, items):
+    mark_vm(items, HERE)
 
 
 @pytest.fixture(scope="session", autouse=True)

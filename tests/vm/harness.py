@@ -98,17 +98,38 @@ class Topology:
         self.devices.append(dev)
         return dev
 
+    def _root_port(self) -> str:
+        """A pcie-root-port in the next free slot of pcie.0; returns its id. The device
+        behind it gets the next bus number (self._bus) and its own IOMMU group."""
+        slot = self._next_slot()
+        self._bus += 1
+        rp = self._id("rp")
+        self.devices.append(Device("root-port", f"0000:00:{slot:02x}.0", qemu_args=[
+            "-device", f"pcie-root-port,id={rp},chassis={self._bus},slot={self._bus},addr={slot:x}.0"]))
+        return rp
+
+    def _subsys_nvme(self, serial: str, size: str, image, subsys_opts: str, nvme_opts: str,
+                     ns_opts: str) -> "Topology":
+        """An NVMe controller in an nvme-subsys, with one nvme-ns, behind a root port."""
+        rp = self._root_port()
+        sub, ctrl, drive = self._id("subsys"), self._id("ctrl"), self._id("d")
+        dev = Device("nvme", f"0000:{self._bus:02x}:00.0", serial=serial, size=size,
+                     image=Path(image) if image else None)
+        dev.qemu_args = [
+            "-drive", f"file={{image}},if=none,id={drive},format=raw,cache=unsafe",
+            "-device", f"nvme-subsys,id={sub}{subsys_opts}",
+            "-device", f"nvme,id={ctrl},serial={serial},subsys={sub},bus={rp}{nvme_opts}",
+            "-device", f"nvme-ns,bus={ctrl},drive={drive},nsid=1{ns_opts}"]
+        self.devices.append(dev)
+        return self
+
     # --- public builders ----------------------------------------------------------------
     def isolated_nvme(self, serial: str, size: str = "256M", image: str | Path | None = None,
                       iops: int | None = None) -> "Topology":
         """NVMe behind its own pcie-root-port: alone in its IOMMU group. ``iops`` throttles
         its drive (QEMU throttling.iops-total): with I/O in flight, unbinding nvme then
         waits for that I/O to drain, like a slow real drive."""
-        slot = self._next_slot()
-        self._bus += 1
-        rp = self._id("rp")
-        self.devices.append(Device("root-port", f"0000:00:{slot:02x}.0", qemu_args=[
-            "-device", f"pcie-root-port,id={rp},chassis={self._bus},slot={self._bus},addr={slot:x}.0"]))
+        rp = self._root_port()
         self._disk("nvme", f"0000:{self._bus:02x}:00.0", serial, size, image, None,
                    f"nvme,serial={serial},bus={rp}",
                    f",throttling.iops-total={iops}" if iops else "")
@@ -138,40 +159,18 @@ class Topology:
         namespace is detached (attach it with nvme-cli), the secondary controllers are
         offline until ``nvme virt-mgmt`` brings them online; then sriov_numvfs creates the
         VFs at <bus>:00.1, 00.2, ..."""
-        slot = self._next_slot()
-        self._bus += 1
-        rp, sub, ctrl, drive = self._id("rp"), self._id("subsys"), self._id("ctrl"), self._id("d")
-        self.devices.append(Device("root-port", f"0000:00:{slot:02x}.0", qemu_args=[
-            "-device", f"pcie-root-port,id={rp},chassis={self._bus},slot={self._bus},addr={slot:x}.0"]))
-        dev = Device("nvme", f"0000:{self._bus:02x}:00.0", serial=serial, size=size,
-                     image=Path(image) if image else None)
-        dev.qemu_args = [
-            "-drive", f"file={{image}},if=none,id={drive},format=raw,cache=unsafe",
-            "-device", f"nvme-subsys,id={sub}",
-            "-device", f"nvme,id={ctrl},serial={serial},subsys={sub},bus={rp},sriov_max_vfs={max_vfs},"
-                       "sriov_vq_flexible=8,sriov_vi_flexible=6,max_ioqpairs=13,msix_qsize=7",
-            "-device", f"nvme-ns,bus={ctrl},drive={drive},nsid=1,shared=false,detached=true"]
-        self.devices.append(dev)
-        return self
+        return self._subsys_nvme(
+            serial, size, image, "",
+            f",sriov_max_vfs={max_vfs},sriov_vq_flexible=8,sriov_vi_flexible=6,"
+            "max_ioqpairs=13,msix_qsize=7",
+            ",shared=false,detached=true")
 
     def multipath_nvme(self, serial: str, size: str = "256M", image: str | Path | None = None) -> "Topology":
         """NVMe in an NVMe subsystem (CMIC multi-controller) behind its own root port: the
         kernel's native multipath shows the namespace as a head nvme<S>n1 under the
         subsystem and a hidden path nvme<S>c<C>n1 under the controller."""
-        slot = self._next_slot()
-        self._bus += 1
-        rp, sub, ctrl, drive = self._id("rp"), self._id("subsys"), self._id("ctrl"), self._id("d")
-        self.devices.append(Device("root-port", f"0000:00:{slot:02x}.0", qemu_args=[
-            "-device", f"pcie-root-port,id={rp},chassis={self._bus},slot={self._bus},addr={slot:x}.0"]))
-        dev = Device("nvme", f"0000:{self._bus:02x}:00.0", serial=serial, size=size,
-                     image=Path(image) if image else None)
-        dev.qemu_args = [
-            "-drive", f"file={{image}},if=none,id={drive},format=raw,cache=unsafe",
-            "-device", f"nvme-subsys,id={sub},nqn=nqn.2026-11.pvehook:{serial}",
-            "-device", f"nvme,id={ctrl},serial={serial},subsys={sub},bus={rp}",
-            "-device", f"nvme-ns,bus={ctrl},drive={drive},nsid=1,shared=on"]
-        self.devices.append(dev)
-        return self
+        return self._subsys_nvme(serial, size, image, f",nqn=nqn.2026-11.pvehook:{serial}",
+                                 "", ",shared=on")
 
     def root_nvme(self, serial: str, size: str = "256M", image: str | Path | None = None) -> "Topology":
         """NVMe directly on pcie.0 (its own IOMMU group, no root port above it)."""
