@@ -153,6 +153,22 @@ def test_script_entry_point(host, tmp_path):
     assert p.returncode == 2
 
 
+def test_hook_imports_neither_proxmoxer_nor_requests(host):
+    """The hook runs at every VM start; it must not pull in the CLI's API stack."""
+    host.add_driver("vfio-pci")
+    nvme(host, driver="vfio-pci")  # stays on vfio-pci: every check runs, nothing is written
+    host.vm_config(100, f"hostpci0: {A}\nscsi0: local-lvm:vm-100-disk-0,size=1G\n")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=repo, PVEHOOK_ROOT=str(host.base))
+    p = subprocess.run([sys.executable, "-X", "importtime", f"{repo}/hooks/pvehook-hook",
+                        "100", "pre-start"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    imported = {line.split("|")[-1].strip() for line in p.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "pvehook.plan" in imported  # the whole pre-start path ran
+    assert not {m for m in imported if m.split(".")[0] in ("proxmoxer", "requests", "click")}
+
+
 # -- refusals: nothing changes -----------------------------------------------------------
 
 def test_iommu_off(tmp_path, hook, ctx):
