@@ -8,6 +8,9 @@ Every case is a fresh process of the same interpreter with the same environment
 `python3 -c pass`. The fake tree (tests/fakesys.py) lives in /dev/shm, like /run and /sys.
 
 Cases:
+  stdlib floor               `python3 -c "import re, json, pathlib, fcntl"`: the standard
+                             library no hook that parses configs and keeps a record can do
+                             without; the best a Python hook can be
   post-start                 a phase with nothing to do (Proxmox runs it at every start)
   pre-start, no hostpci      a registered VM without devices: reads its config, nothing else
   pre-start, every check     one NVMe whose disk is mounted on the host: config, devices,
@@ -38,6 +41,7 @@ from _common import (REPO, base_env, fake_node, footer, header, med, ms, nvme_ad
                      run)
 
 HOOK = str(REPO / "hooks" / "pvehook-hook")
+FLOOR = "import re, json, pathlib, fcntl"
 DRIVER = str(REPO / "benchmarks" / "_fakehook.py")
 
 
@@ -79,6 +83,7 @@ def main() -> None:
         env = base_env(PVEHOOK_ROOT=str(tree))
         cases = [
             ("python3 -c pass", [py, "-c", "pass"], 0),
+            ("stdlib floor (re, json, pathlib, fcntl)", [py, "-c", FLOOR], 0),
             ("hook post-start (nothing to do)", [py, HOOK, "100", "post-start"], 0),
             ("hook pre-start, no hostpci", [py, HOOK, "101", "pre-start"], 0),
             ("hook pre-start, every check, refused", [py, HOOK, "102", "pre-start"], 11),

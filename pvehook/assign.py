@@ -6,21 +6,17 @@ The undo is recorded before every change; rollback lives in exactly one place
 
 from __future__ import annotations
 
-import logging
-
 from . import rebind
 from .block import BlockDevice
 from .context import Context
 from .errors import BindError
 from .iommu import VFIO
 from .journal import DeviceRecord, VmRecord
-from .lvm import deactivate_guest_vgs
 from .paths import HOOK_PATH
 from .pci import PciAddress, PciDevice
 from .plan import Plan
+from .tasklog import log
 from .waits import processes_holding, vfio_nodes, wait_exit, wait_namespaces
-
-log = logging.getLogger(__name__)
 
 
 def assign(ctx: Context, plan: Plan) -> None:
@@ -134,12 +130,15 @@ def give_back(ctx: Context, record: VmRecord, devices: list[DeviceRecord],
             _restore_lvm(ctx, addr, disks, errors)
         else:
             log.info("%s", back)
-    record.devices = [d for d in record.devices if d not in done]
+    gone = {d.address for d in done}
+    record.devices = [d for d in record.devices if d.address not in gone]
     ctx.journal.save(record)
     return errors
 
 
 def _restore_lvm(ctx: Context, addr: str, disks: list[BlockDevice], errors: list[str]) -> None:
+    from .lvm import deactivate_guest_vgs  # subprocess and its imports: only now
+
     try:
         vgs = deactivate_guest_vgs(ctx.root, disks)
     except Exception as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 from .paths import Root
@@ -20,11 +20,11 @@ _DISK_RE = re.compile(r"^nvme\d+n\d+$")
 _PATH_RE = re.compile(r"^nvme(\d+)c\d+n(\d+)$")
 
 
-@dataclass(frozen=True)
-class BlockDevice:
-    root: Root
-    name: str  # nvme0n1, nvme0n1p1, dm-0
-    sys_path: Path
+class BlockDevice(namedtuple("BlockDevice", "root name sys_path")):
+    """`name` as the kernel has it (nvme0n1, nvme0n1p1, dm-0); `sys_path` its real
+    directory under /sys/devices."""
+
+    __slots__ = ()
 
     @classmethod
     def by_name(cls, root: Root, name: str) -> "BlockDevice":

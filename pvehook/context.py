@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from collections import namedtuple
 
 from .journal import Journal
 from .kernel import Kernel
 from .paths import Root
 
 
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds. Proxmox gives the hook no timeout of its own, so every wait has one."""
+class Timeouts(namedtuple("Timeouts", "rebind vfio_release namespaces lock",
+                            defaults=(60.0, 60.0, 60.0, 120.0))):
+    """Seconds. Proxmox gives the hook no timeout of its own, so every wait has one.
 
-    rebind: float = 60.0  # one unbind/drivers_probe write (a real drive may take seconds)
-    vfio_release: float = 60.0  # QEMU exiting and closing /dev/vfio/<group>
-    namespaces: float = 60.0  # namespaces back and processed by udev
-    lock: float = 120.0  # a start waiting for a stop of the same device
+    rebind: one unbind/drivers_probe write (a real drive may take seconds);
+    vfio_release: QEMU exiting and closing /dev/vfio/<group>; namespaces: namespaces
+    back and processed by udev; lock: a start waiting for a stop of the same device.
+    """
+
+    __slots__ = ()
 
     @classmethod
     def from_env(cls) -> "Timeouts":
         """PVEHOOK_TIMEOUT_<NAME>=seconds overrides one (for tests and slow hardware)."""
-        env = {f.name: os.environ.get(f"PVEHOOK_TIMEOUT_{f.name.upper()}") for f in fields(cls)}
+        env = {name: os.environ.get(f"PVEHOOK_TIMEOUT_{name.upper()}") for name in cls._fields}
         return cls(**{name: float(v) for name, v in env.items() if v})
 
 
@@ -31,12 +33,15 @@ def node_name() -> str:
     return os.uname().nodename.split(".")[0]
 
 
-@dataclass
 class Context:
-    root: Root = field(default_factory=Root.from_env)
-    kernel: Kernel = field(default_factory=Kernel)
-    node: str = field(default_factory=node_name)
-    timeouts: Timeouts = field(default_factory=Timeouts.from_env)
+    """Each part defaults to the real one: / (or PVEHOOK_ROOT), this node, the env."""
+
+    def __init__(self, root: Root | None = None, kernel: Kernel | None = None,
+                 node: str | None = None, timeouts: Timeouts | None = None):
+        self.root = root if root is not None else Root.from_env()
+        self.kernel = kernel if kernel is not None else Kernel()
+        self.node = node if node is not None else node_name()
+        self.timeouts = timeouts if timeouts is not None else Timeouts.from_env()
 
     @property
     def journal(self) -> Journal:

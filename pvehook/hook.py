@@ -28,7 +28,7 @@ def run(argv: list[str], ctx=None) -> int:
 
     log = tasklog.log
     ctx = ctx or Context()
-    tasklog.setup(argv[0], phase, to_journal=ctx.root.dev("log").exists())
+    log.setup(argv[0], phase, to_journal=ctx.root.dev("log").exists())
     try:
         if phase == "pre-start":
             phases.pre_start(ctx, vmid)

@@ -8,7 +8,7 @@ driver means the host uses it; qemu-server would bind it to vfio-pci without ask
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .paths import Root
 from .pci import PciAddress, PciDevice
@@ -31,11 +31,10 @@ def group_members(root: Root, group: str) -> list[PciDevice]:
     return [PciDevice(root, PciAddress.parse(n)) for n in names]
 
 
-@dataclass(frozen=True)
-class Member:
-    device: PciDevice
-    driver: str | None
-    verdict: str  # why it is fine, or "host" when the host uses it
+class Member(namedtuple("Member", "device driver verdict")):
+    """One function of a group; `verdict`: why it is fine, or "host" when the host uses it."""
+
+    __slots__ = ()
 
     @property
     def ok(self) -> bool:

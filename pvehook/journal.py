@@ -7,29 +7,38 @@ record post-stop can act on. /run is a tmpfs: a reboot clears it, as it should.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 from .errors import HeldByOtherVMError
 from .paths import Root
 
 
-@dataclass
 class DeviceRecord:
-    address: str
-    original_driver: str | None  # None: it had no driver
-    namespaces: int = 0  # how many namespaces to wait for when it comes back
+    def __init__(self, address: str, original_driver: str | None, namespaces: int = 0):
+        self.address = address
+        self.original_driver = original_driver  # None: it had no driver
+        self.namespaces = namespaces  # how many namespaces to wait for when it comes back
+
+    def to_json(self) -> dict:
+        return {"address": self.address, "original_driver": self.original_driver,
+                "namespaces": self.namespaces}
 
 
-@dataclass
 class VmRecord:
-    vmid: int
-    devices: list[DeviceRecord] = field(default_factory=list)
-    written: float = 0.0
+    def __init__(self, vmid: int, devices: list[DeviceRecord] | None = None,
+                 written: float = 0.0):
+        self.vmid = vmid
+        self.devices = devices if devices is not None else []
+        self.written = written
+
+    def to_json(self) -> dict:
+        return {"vmid": self.vmid, "devices": [d.to_json() for d in self.devices],
+                "written": self.written}
 
     def find(self, address: str) -> DeviceRecord | None:
         return next((d for d in self.devices if d.address == address), None)
@@ -62,7 +71,7 @@ class Journal:
         tmp = self.dir / f".{record.vmid}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(asdict(record), f, indent=1)
+            json.dump(record.to_json(), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self._path(record.vmid))
@@ -81,20 +90,35 @@ class Journal:
         return out
 
 
+# filelock's wait between two tries; a start waiting for a stop of the same device.
+LOCK_POLL_S = 0.02
+
+
 @contextmanager
 def device_locks(root: Root, addresses: list[str], timeout: float) -> Iterator[None]:
-    """Hold the lock of every device, taken in one global order (no deadlock)."""
-    from filelock import FileLock, Timeout  # lazy: only phases that touch devices
+    """Hold the lock of every device, taken in one global order (no deadlock).
 
-    root.lock_dir.mkdir(parents=True, exist_ok=True)  # filelock 3.9 does not
+    One file per device under /run/lock/pvehook, locked with flock(2) exactly as
+    filelock's UnixFileLock does (same file, mode 0644, LOCK_EX), so a tool holding a
+    filelock.FileLock on it excludes the hook and the other way round. Not filelock
+    itself: importing filelock 3.18 (it imports asyncio) costs 3x a bare interpreter.
+    """
+    root.lock_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
     with ExitStack() as stack:
         for addr in sorted(set(addresses)):
-            lock = FileLock(str(root.lock_dir / f"{addr}.lock"))
-            try:
-                stack.enter_context(lock.acquire(timeout=timeout))
-            except Timeout:
-                raise HeldByOtherVMError(
-                    f"{addr} is locked by another pvehook run (a VM starting or stopping)",
-                    hint=f"wait for it, then retry; lock file {root.lock_dir}/{addr}.lock",
-                ) from None
+            path = root.lock_dir / f"{addr}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            stack.callback(os.close, fd)  # closing the file releases the lock
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise HeldByOtherVMError(
+                            f"{addr} is locked by another pvehook run (a VM starting or"
+                            " stopping)", hint=f"wait for it, then retry; lock file {path}",
+                        ) from None
+                    time.sleep(LOCK_POLL_S)
         yield

@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .block import BlockDevice
 from .paths import Root
@@ -68,13 +68,11 @@ def deactivate_guest_vgs(root: Root, disks: list[BlockDevice]) -> list[str]:
     return sorted(active)
 
 
-@dataclass
-class Report:
-    """What one lvm report command printed, also when it failed for part of its args."""
+class Report(namedtuple("Report", "rows errors returncode")):
+    """What one lvm report command printed, also when it failed for part of its args:
+    `rows`, `errors` (LVM's own messages: its JSON "log", else stderr), `returncode`."""
 
-    rows: list[dict]
-    errors: list[str]  # LVM's own error messages (its JSON "log", else stderr)
-    returncode: int
+    __slots__ = ()
 
 
 def report_partial(cmd: str, fields: str, *args: str) -> Report:

@@ -17,7 +17,7 @@ does not parse is left out, and sections without valid id or without `map` are d
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from .errors import ConfigError
 from .paths import Root
@@ -26,20 +26,19 @@ from .storagecfg import parse_sections
 from .vmconfig import parse_property_string
 
 _HEADER_RE = re.compile(r"^(\S+)\s*$")
-_CONFIGID_RE = re.compile(r"^[a-z][a-z0-9_-]+$", re.IGNORECASE)
+_CONFIGID_RE = re.compile(r"^[a-z][a-z0-9_-]+$", re.IGNORECASE | re.ASCII)
 # PVE::Mapping::PCI: $PCI_RE (domain required, lower-case hex, function optional)
 _PATH_ID_RE = re.compile(r"^[a-f0-9]{4,}:[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?$")
 _VENDOR_DEVICE_RE = re.compile(r"^[0-9A-Fa-f]{4}:[0-9A-Fa-f]{4}$")
 _MAP_KEYS = {"node", "path", "id", "subsystem-id", "iommugroup", "description"}
 
 
-@dataclass(frozen=True)
-class MapEntry:
-    node: str
-    paths: tuple[PciSelector, ...]  # one multifunction device; a path may omit the function
-    id: str | None  # vendor:device expected there
-    iommugroup: int | None
-    options: dict = field(default_factory=dict)  # every key=value of the map line
+class MapEntry(namedtuple("MapEntry", "node paths id iommugroup options")):
+    """One `map` line: `paths` (PciSelectors) are one multifunction device, a path may
+    omit the function; `id` the vendor:device expected there or None; `iommugroup` an int
+    or None; `options` every key=value of the line."""
+
+    __slots__ = ()
 
     @classmethod
     def parse(cls, text: str, *, where: str = "") -> "MapEntry":
@@ -67,11 +66,11 @@ class MapEntry:
         return cls(opts["node"], paths, opts["id"], int(group) if group is not None else None, opts)
 
 
-@dataclass(frozen=True)
-class PciMapping:
-    id: str
-    entries: tuple[MapEntry, ...]  # valid map lines of every node, in file order
-    options: dict = field(default_factory=dict)  # description, mdev, live-migration-capable...
+class PciMapping(namedtuple("PciMapping", "id entries options")):
+    """`entries`: the valid map lines of every node, in file order; `options`:
+    description, mdev, live-migration-capable..."""
+
+    __slots__ = ()
 
     def for_node(self, node: str) -> tuple[MapEntry, ...]:
         return tuple(e for e in self.entries if e.node == node)

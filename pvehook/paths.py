@@ -7,16 +7,24 @@ Everything that reads or writes /sys, /proc, /dev, /etc/pve or /run goes through
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 # Where the Debian package installs the hook; registered snippets run this path.
 HOOK_PATH = "/usr/share/pvehook/pvehook-hook"
 
 
-@dataclass(frozen=True)
 class Root:
-    path: Path = Path("/")
+    def __init__(self, path: Path | str = "/"):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Root({str(self.path)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Root) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
 
     @classmethod
     def from_env(cls) -> "Root":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .errors import ConfigError
 from .paths import Root
@@ -24,12 +24,10 @@ CLASS_NVME = 0x0108  # mass storage / non-volatile memory controller
 CLASS_BRIDGE = 0x06
 
 
-@dataclass(frozen=True, order=True)
-class PciAddress:
-    domain: int
-    bus: int
-    slot: int
-    function: int
+class PciAddress(namedtuple("PciAddress", "domain bus slot function")):
+    """A tuple of ints: hashable, and ordered as the kernel lists devices."""
+
+    __slots__ = ()
 
     @classmethod
     def parse(cls, text: str) -> "PciAddress":
@@ -42,14 +40,10 @@ class PciAddress:
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
 
 
-@dataclass(frozen=True)
-class PciSelector:
-    """A hostpci id: one function, or with no function all functions of a slot."""
+class PciSelector(namedtuple("PciSelector", "domain bus slot function")):
+    """A hostpci id: one function, or with function None all functions of a slot."""
 
-    domain: int
-    bus: int
-    slot: int
-    function: int | None
+    __slots__ = ()
 
     @classmethod
     def parse(cls, text: str) -> "PciSelector":

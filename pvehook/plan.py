@@ -5,7 +5,7 @@ Nothing here changes the system. The CLI's `check` prints the same plan.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from . import iommu
 from .block import namespaces
@@ -14,7 +14,6 @@ from .errors import (
     DeviceNotFoundError, HeldByOtherVMError, InUseError, IommuError, PvehookError,
 )
 from .holds import Holds
-from .mapping import load_pci_mappings
 from .pci import PciAddress, PciDevice
 from .resolve import resolve_vm
 from .usage import host_use
@@ -23,23 +22,21 @@ from .vmconfig import VmConfig
 VFIO = iommu.VFIO
 
 
-@dataclass
-class Step:
-    """Bind `device` to vfio-pci; undo: give it back to `original_driver`."""
+class Step(namedtuple("Step", "device original_driver namespaces taken_from",
+                        defaults=(None,))):
+    """Bind `device` to vfio-pci; undo: give it back to `original_driver` and wait for
+    `namespaces` disks. `taken_from`: the VM whose stale record this device leaves."""
 
-    device: PciDevice
-    original_driver: str | None
-    namespaces: int
-    taken_from: int | None = None  # the VM whose stale record this device leaves
+    __slots__ = ()
 
 
-@dataclass
 class Plan:
-    vmid: int
-    lines: list[str] = field(default_factory=list)  # one per decision
-    refusals: list[PvehookError] = field(default_factory=list)
-    steps: list[Step] = field(default_factory=list)  # devices to move to vfio-pci
-    stays: list[Step] = field(default_factory=list)  # already on vfio-pci: recorded only
+    def __init__(self, vmid: int):
+        self.vmid = vmid
+        self.lines: list[str] = []  # one per decision
+        self.refusals: list[PvehookError] = []
+        self.steps: list[Step] = []  # devices to move to vfio-pci
+        self.stays: list[Step] = []  # already on vfio-pci: recorded only
 
 
 def resolve(ctx: Context, config: VmConfig, plan: Plan) -> tuple[list[PciDevice], set[PciAddress]]:
@@ -49,7 +46,11 @@ def resolve(ctx: Context, config: VmConfig, plan: Plan) -> tuple[list[PciDevice]
         plan.lines.append(f"VM {config.vmid} has no hostpci devices: nothing to do")
         return [], set()
     existing = [d.address for d in PciDevice.all(ctx.root)]
-    mappings = load_pci_mappings(ctx.root) if any(e.mapping for e in config.hostpci) else {}
+    mappings = {}
+    if any(e.mapping for e in config.hostpci):
+        from .mapping import load_pci_mappings
+
+        mappings = load_pci_mappings(ctx.root)
     holds = Holds(ctx.root, ctx.journal, config.vmid)
     try:
         resolved = resolve_vm(config, existing, mappings, ctx.node, holds.is_taken)

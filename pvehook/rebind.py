@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import select
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 from .kernel import Kernel
@@ -32,12 +32,10 @@ from .pci import PciDevice
 DEFAULT_TIMEOUT_S = 60.0
 
 
-@dataclass
-class _Child:
-    pid: int
-    pidfd: int
-    failure: str  # what it means when this write fails
-    deadline: float
+class _Child(namedtuple("_Child", "pid pidfd failure deadline")):
+    """One forked writer; `failure`: what it means when its write fails."""
+
+    __slots__ = ()
 
 
 def _start(kernel: Kernel, path: Path, value: str, failure: str, timeout: float) -> _Child:

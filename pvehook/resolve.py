@@ -18,9 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from .errors import ConfigError, DeviceNotFoundError
-from .mapping import PciMapping
 from .pci import PciAddress, PciSelector
 from .vmconfig import HostPci, VmConfig
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:  # the mapping parser is imported only for VMs that use mapping=
+    from .mapping import PciMapping
 
 
 def expand_selector(selector: PciSelector, existing: Sequence[PciAddress]) -> tuple[PciAddress, ...]:

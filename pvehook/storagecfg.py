@@ -9,8 +9,8 @@ VMs despite them, so the hook must not refuse because of them.
 from __future__ import annotations
 
 import re
+from collections import namedtuple
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from .errors import ConfigError
 from .paths import Root
@@ -18,19 +18,18 @@ from .vmconfig import Disk
 
 _KV_RE = re.compile(r"^\s+(\S+)(\s+(.*\S))?\s*$")
 _STORAGE_HEADER_RE = re.compile(r"^(\S+):\s*(\S+)\s*$")
-_STORAGE_ID_RE = re.compile(r"^[a-z][a-z0-9\-_.]*[a-z0-9]$", re.IGNORECASE)
+# Perl's /i: ASCII only (Python would also fold the Kelvin sign and the long s to k, s)
+_STORAGE_ID_RE = re.compile(r"^[a-z][a-z0-9\-_.]*[a-z0-9]$", re.IGNORECASE | re.ASCII)
 # PVE::Storage::Plugin::parse_lvm_name
-_LVM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9\-_.]*[a-z0-9]$", re.IGNORECASE)
+_LVM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9\-_.]*[a-z0-9]$", re.IGNORECASE | re.ASCII)
 
 LVM_TYPES = ("lvm", "lvmthin")
 
 
-@dataclass(frozen=True)
-class Section:
-    lineno: int
-    type: str | None
-    id: str
-    items: tuple[tuple[int, str, str], ...]  # (line number, key, value); "1" for a bare key
+class Section(namedtuple("Section", "lineno type id items")):
+    """`items`: (line number, key, value) tuples; "1" is the value of a bare key."""
+
+    __slots__ = ()
 
 
 def parse_sections(
@@ -75,11 +74,8 @@ def parse_sections(
     return sections
 
 
-@dataclass(frozen=True)
-class Storage:
-    id: str
-    type: str
-    options: dict[str, str]
+class Storage(namedtuple("Storage", "id type options")):
+    __slots__ = ()
 
     @property
     def vgname(self) -> str | None:
@@ -131,13 +127,11 @@ def load_storage_cfg(root: Root, *, warnings: list[str] | None = None) -> dict[s
     return parse_storage_cfg(text, source=str(path), warnings=warnings)
 
 
-@dataclass(frozen=True)
-class LvmVolume:
-    storage: str
-    vg: str
-    lv: str
-    thinpool: str | None  # set for lvmthin
-    format: str = "raw"  # 'qcow2' for LVM (thick) volumes named *.qcow2 (PVE 9 snapshot chains)
+class LvmVolume(namedtuple("LvmVolume", "storage vg lv thinpool format", defaults=("raw",))):
+    """`thinpool` is set for lvmthin; `format` is 'qcow2' for LVM (thick) volumes named
+    *.qcow2 (PVE 9 snapshot chains)."""
+
+    __slots__ = ()
 
     @property
     def dev_path(self) -> str:

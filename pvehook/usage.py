@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import re
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from .block import BlockDevice
 from .kernel import Kernel
@@ -24,17 +24,14 @@ _SIGNATURES = {
 }
 
 
-@dataclass(frozen=True)
-class Mount:
-    devnum: str
-    mountpoint: str
-    source: str
+class Mount(namedtuple("Mount", "devnum mountpoint source")):
+    __slots__ = ()
 
 
-@dataclass
 class DiskUse:
-    reasons: list[str] = field(default_factory=list)  # the host uses it: refuse
-    notes: list[str] = field(default_factory=list)  # found, harmless
+    def __init__(self) -> None:
+        self.reasons: list[str] = []  # the host uses it: refuse
+        self.notes: list[str] = []  # found, harmless
 
     @property
     def in_use(self) -> bool:

@@ -15,8 +15,7 @@ which is the configuration a start uses:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from urllib.parse import unquote
+from collections import namedtuple
 
 from .errors import ConfigError
 from .paths import Root
@@ -42,8 +41,9 @@ _DELETE_RE = re.compile(r"^delete:\s*(.*\S)\s*$")
 _HOSTPCI_KEY_RE = re.compile(r"^hostpci(\d+)$")
 # PVE::QemuServer::PCI: my $PCIRE (lower-case hex; domain optional)
 _PCI_ID_RE = re.compile(r"^(?:[a-f0-9]{4,}:)?[a-f0-9]{2}:[a-f0-9]{2}(?:\.[a-f0-9])?$")
-# PVE::Storage::Plugin::parse_volume_id
-_VOLID_RE = re.compile(r"^([a-z][a-z0-9\-_.]*[a-z0-9]):(.+)$", re.IGNORECASE | re.DOTALL)
+# PVE::Storage::Plugin::parse_volume_id (Perl's /i: ASCII only, no Kelvin sign for k)
+_VOLID_RE = re.compile(r"^([a-z][a-z0-9\-_.]*[a-z0-9]):(.+)$",
+                       re.IGNORECASE | re.ASCII | re.DOTALL)
 # PVE::QemuServer::Drive::drive_is_cloudinit
 _CLOUDINIT_RE = re.compile(r"[:/](?:vm-\d+-)?cloudinit(?:\.(?:raw|qcow2|vmdk))?$")
 
@@ -88,13 +88,19 @@ def parse_property_string(
     return res
 
 
-@dataclass(frozen=True)
-class HostPci:
-    key: str  # "hostpci0"
-    selectors: tuple[PciSelector, ...]  # host= ids (";"-joined), empty when mapping=
-    mapping: str | None
-    driver: str | None  # "vfio" | "keep" | None (None: qemu-server's default, vfio)
-    options: dict = field(default_factory=dict)  # every key=value, host/mapping included
+def _unquote(text: str) -> str:
+    """Undo the percent-encoding of a description line (PVE::Tools::decode_text)."""
+    from urllib.parse import unquote  # ~2 ms to import: only for configs with a description
+
+    return unquote(text, errors="replace")
+
+
+class HostPci(namedtuple("HostPci", "key selectors mapping driver options")):
+    """`key` "hostpci0"; `selectors` the host= ids (";"-joined), empty with mapping=;
+    `driver` "vfio", "keep" or None (qemu-server's default, vfio); `options` every
+    key=value, host and mapping included."""
+
+    __slots__ = ()
 
     @property
     def index(self) -> int:
@@ -136,7 +142,7 @@ class HostPci:
                 selectors = tuple(PciSelector.parse(pci_id) for pci_id in ids)
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
-        if mapping is not None and not re.fullmatch(r"[a-z][a-z0-9_-]+", mapping, re.I):
+        if mapping is not None and not re.fullmatch(r"[a-z][a-z0-9_-]+", mapping, re.I | re.A):
             raise ConfigError(f"{where}: invalid mapping id {mapping!r}")
         driver = opts.get("driver")
         if driver is not None and driver not in ("vfio", "keep"):
@@ -144,11 +150,12 @@ class HostPci:
         return cls(key, selectors, mapping, driver, opts)
 
 
-@dataclass(frozen=True)
-class Disk:
-    key: str  # "scsi0", "virtio1", "sata0", "ide2", "efidisk0", "tpmstate0"
-    volume: str  # "local-lvm:vm-100-disk-0", "/dev/disk/by-id/...", "none", "cdrom"
-    options: dict = field(default_factory=dict)  # everything but the volume
+class Disk(namedtuple("Disk", "key volume options")):
+    """`key` "scsi0", "virtio1", "efidisk0", "tpmstate0"...; `volume`
+    "local-lvm:vm-100-disk-0", "/dev/disk/by-id/...", "none", "cdrom"; `options`
+    everything but the volume."""
+
+    __slots__ = ()
 
     @property
     def storage(self) -> str | None:
@@ -196,14 +203,12 @@ class Disk:
         return cls(key, volume, opts)
 
 
-@dataclass(frozen=True)
-class VmConfig:
-    vmid: int
-    hostpci: tuple[HostPci, ...]  # hostpci0..15 in index order
-    disks: tuple[Disk, ...]  # in valid_drive_names() order; unusedN excluded
-    hookscript: str | None
-    options: dict[str, str]  # the whole main section (description included)
-    source: str = ""
+class VmConfig(namedtuple("VmConfig", "vmid hostpci disks hookscript options source",
+                            defaults=("",))):
+    """`hostpci`: hostpci0..15 in index order; `disks`: in valid_drive_names() order,
+    unusedN excluded; `options`: the whole main section (description included)."""
+
+    __slots__ = ()
 
     @property
     def description(self) -> str | None:
@@ -229,11 +234,11 @@ class VmConfig:
             if _SECTION_RE.match(line):
                 break  # [PENDING], [special:...], snapshots, unknown: not the main section
             if line.startswith("#"):
-                descr = (descr or "") + unquote(line[1:], errors="replace") + "\n"
+                descr = (descr or "") + _unquote(line[1:]) + "\n"
                 continue
             m = _DESCR_RE.match(line)
             if m:
-                descr = (descr or "") + unquote(m[1], errors="replace")
+                descr = (descr or "") + _unquote(m[1])
                 continue
             if _DELETE_RE.match(line):
                 continue  # only meaningful in [PENDING]; qemu-server ignores it here

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 from .block import BlockDevice
@@ -53,12 +53,10 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
-@dataclass
-class _Lv:
+class _Lv(namedtuple("_Lv", "row devices")):
     """One LV of the report (its segments' rows merged)."""
 
-    row: dict
-    devices: list[str]
+    __slots__ = ()
 
     def get(self, key: str) -> str:
         return str(self.row.get(key) or "")
