@@ -90,7 +90,8 @@ class Journal:
         return out
 
 
-# filelock's wait between two tries; a start waiting for a stop of the same device.
+# How often a run waiting for a device's lock tries again (flock has no timeout;
+# filelock polls the same way, every 50 ms).
 LOCK_POLL_S = 0.02
 
 
