@@ -12,6 +12,7 @@ from .context import Context
 from .errors import BindError
 from .iommu import VFIO
 from .journal import DeviceRecord, VmRecord
+from .lvm import deactivate_guest_vgs
 from .paths import HOOK_PATH
 from .pci import PciAddress, PciDevice
 from .plan import Plan
@@ -137,8 +138,6 @@ def give_back(ctx: Context, record: VmRecord, devices: list[DeviceRecord],
 
 
 def _restore_lvm(ctx: Context, addr: str, disks: list[BlockDevice], errors: list[str]) -> None:
-    from .lvm import deactivate_guest_vgs  # subprocess and its imports: only now
-
     try:
         vgs = deactivate_guest_vgs(ctx.root, disks)
     except Exception as e:

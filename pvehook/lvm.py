@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections import namedtuple
 
@@ -18,12 +17,19 @@ from .block import BlockDevice
 from .paths import Root
 
 
+def _run(argv: list[str], check: bool, env: dict | None = None):
+    """Run a command, its output captured as text. subprocess (with threading, signal and
+    selectors: ~6 ms) loads on the first command, not with this module: post-stop loads
+    it for every disk it gives back but runs a command only for LVM members."""
+    import subprocess
+
+    return subprocess.run(argv, check=check, capture_output=True, text=True, env=env)
+
+
 def report(cmd: str, fields: str, *args: str) -> list[dict]:
     """Rows of `lvm <cmd> --reportformat json -o <fields>`."""
-    out = subprocess.run(
-        ["lvm", cmd, "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields, *args],
-        check=True, capture_output=True, text=True,
-    ).stdout
+    out = _run(["lvm", cmd, "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
+                fields, *args], check=True).stdout
     data = json.loads(out)
     key = {"pvs": "pv", "vgs": "vg", "lvs": "lv"}[cmd]
     return [row for rep in data.get("report", []) for row in rep.get(key, [])]
@@ -31,7 +37,7 @@ def report(cmd: str, fields: str, *args: str) -> list[dict]:
 
 def _settle(root: Root, vgs: set[str]) -> None:
     # Every queued udev event has run its RUN programs (the direct vgchange -aay) ...
-    subprocess.run(["udevadm", "settle", "--timeout=30"], check=False)
+    _run(["udevadm", "settle", "--timeout=30"], check=False)
     if not root.run("systemd", "system").is_dir():
         return
     # ... and the transient units those programs started have finished. systemd offers
@@ -39,10 +45,8 @@ def _settle(root: Root, vgs: set[str]) -> None:
     deadline = time.monotonic() + 30
     for vg in vgs:
         while time.monotonic() < deadline:
-            state = subprocess.run(
-                ["systemctl", "show", "--property=ActiveState", "--value", f"lvm-activate-{vg}"],
-                check=False, capture_output=True, text=True,
-            ).stdout.strip()
+            state = _run(["systemctl", "show", "--property=ActiveState", "--value",
+                          f"lvm-activate-{vg}"], check=False).stdout.strip()
             if state not in ("active", "activating", "reloading", "deactivating"):
                 break
             time.sleep(0.05)
@@ -63,8 +67,7 @@ def deactivate_guest_vgs(root: Root, disks: list[BlockDevice]) -> list[str]:
     active = {r["vg_name"] for r in report("lvs", "vg_name,lv_active", *sorted(vgs))
               if r.get("lv_active") == "active"}
     for vg in sorted(active):
-        subprocess.run(["lvm", "vgchange", "--activate", "n", vg],
-                       check=True, capture_output=True, text=True)
+        _run(["lvm", "vgchange", "--activate", "n", vg], check=True)
     return sorted(active)
 
 
@@ -83,11 +86,9 @@ def report_partial(cmd: str, fields: str, *args: str) -> Report:
     ({"log_type": "error", "log_object_name": ..., "log_message": ...}) beside `report`.
     Raises OSError when `lvm` cannot be run at all.
     """
-    proc = subprocess.run(
-        ["lvm", cmd, "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields, *args],
-        capture_output=True, text=True, check=False,
-        env={**os.environ, "LC_ALL": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"},
-    )
+    proc = _run(["lvm", cmd, "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
+                 fields, *args], check=False,
+                env={**os.environ, "LC_ALL": "C", "LVM_SUPPRESS_FD_WARNINGS": "1"})
     key = {"pvs": "pv", "vgs": "vg", "lvs": "lv"}[cmd]
     stderr = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
     try:
