@@ -57,13 +57,15 @@ def build(base: Path):
 
 
 def importtime(py: str, argv: list[str], env: dict, runs: int = 5) -> dict[str, float]:
-    """module -> median cumulative import time (s), for top-level imports."""
+    """module -> median cumulative import time (s); " self <module>" -> its own time,
+    without the modules it imports; " level <module>" -> its depth."""
     per: dict[str, list[float]] = {}
     for _ in range(runs):
         err = subprocess.run([py, "-X", "importtime", *argv], env=env, capture_output=True,
                              text=True, stdin=subprocess.DEVNULL).stderr
         for m in re.finditer(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$", err, re.M):
             per.setdefault(m[4], []).append(int(m[2]) / 1e6)
+            per.setdefault(" self " + m[4], []).append(int(m[1]) / 1e6)
             per.setdefault(" level " + m[4], []).append(len(m[3]) // 2)
     return {k: med(v) for k, v in per.items()}
 
@@ -133,6 +135,12 @@ def main() -> None:
             top = {k: v for k, v in extra.items() if t[" level " + k] == 1}
             total = sum(top.values())
             print(f"-- {label}: {len(extra)} modules, {ms(total)} ms in top-level imports")
+            own = {k: t[" self " + k] for k in extra}
+            ours = sum(v for k, v in own.items() if k.startswith("pvehook"))
+            print(f"   own time (without what they import): pvehook.* {ms(ours)} ms,"
+                  f" everything else {ms(sum(own.values()) - ours)} ms; the largest: "
+                  + ", ".join(f"{k} {ms(v)}" for k, v in sorted(own.items(),
+                                                             key=lambda kv: -kv[1])[:8]))
             names = sorted(extra, key=lambda k: -extra[k])
             for k in names:
                 if t[" level " + k] <= 2:
