@@ -99,10 +99,10 @@ LOCK_POLL_S = 0.02
 def device_locks(root: Root, addresses: list[str], timeout: float) -> Iterator[None]:
     """Hold the lock of every device, taken in one global order (no deadlock).
 
-    One file per device under /run/lock/pvehook, locked with flock(2) exactly as
-    filelock's UnixFileLock does (same file, mode 0644, LOCK_EX), so a tool holding a
-    filelock.FileLock on it excludes the hook and the other way round. Not filelock
-    itself: importing filelock 3.18 (it imports asyncio) costs 3x a bare interpreter.
+    One file per device under /run/lock/pvehook, locked with flock(2) LOCK_EX as
+    filelock's UnixFileLock locks it, so a tool holding a filelock.FileLock on the file
+    excludes the hook and the other way round. Not filelock itself: importing filelock
+    3.18 (it imports asyncio) takes ~56 ms, five bare interpreter starts.
     """
     root.lock_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
