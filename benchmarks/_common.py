@@ -51,6 +51,24 @@ def run(cmd: list[str], env: dict | None = None, stdin=subprocess.DEVNULL,
     return Sample(wall, ru.ru_utime, ru.ru_stime, proc.returncode)
 
 
+def round_robin(cases: list[tuple[str, list[str], int]], env: dict,
+                repeat: int) -> dict[str, list[Sample]]:
+    """Each case (name, command, expected exit code) once to warm up (page cache, .pyc
+    files), then `repeat` rounds of all of them in turn, so a change in the machine's
+    load falls on every case alike. Exits with the command's output on a wrong exit code."""
+    for _, cmd, _ in cases:
+        run(cmd, env)
+    samples: dict[str, list[Sample]] = {name: [] for name, _, _ in cases}
+    for _ in range(repeat):
+        for name, cmd, expect in cases:
+            s = run(cmd, env)
+            if s.rc != expect:
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                sys.exit(f"{name}: exit {s.rc}, expected {expect}\n{out.stdout}{out.stderr}")
+            samples[name].append(s)
+    return samples
+
+
 def med(values) -> float:
     return statistics.median(values)
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import base_env, fake_node, footer, header, med, ms, run  # noqa: E402
+from _common import base_env, fake_node, footer, header, med, ms, round_robin  # noqa: E402
 
 
 def main() -> None:
@@ -45,16 +44,7 @@ def main() -> None:
             fake_node(tree, c, vms=args.vms,
                       vm_devices={100 + i: [i] for i in range(min(c, args.vms))})
             env = base_env(PVEHOOK_ROOT=str(tree))
-            for _, cmd, _ in cases:
-                run(cmd, env)  # warm up
-            samples = {n: [] for n, _, _ in cases}
-            for _ in range(args.repeat):
-                for name, cmd, expect in cases:
-                    s = run(cmd, env)
-                    if s.rc != expect:
-                        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                        raise SystemExit(f"{name}: exit {s.rc}\n{p.stdout}{p.stderr}")
-                    samples[name].append(s)
+            samples = round_robin(cases, env, args.repeat)
             results[c] = {n: (med(s.wall for s in ss), med(s.cpu for s in ss))
                           for n, ss in samples.items()}
     finally:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPO, base_env, fake_node, footer, header, med, ms, nvme_addr,  # noqa: E402
-                     run)
+                     round_robin)
 
 HOOK = str(REPO / "hooks" / "pvehook-hook")
 FLOOR = "import re, json, pathlib, fcntl"
@@ -94,16 +94,7 @@ def main() -> None:
             ("driver: pre-start, moves 1 NVMe", [py, DRIVER, str(tree), "100", "pre-start"], 0),
             ("driver: post-stop, gives it back", [py, DRIVER, str(tree), "100", "post-stop"], 0),
         ]
-        for _, cmd, _ in cases:  # warm up: page cache, .pyc files
-            run(cmd, env)
-        samples = {name: [] for name, _, _ in cases}
-        for _ in range(args.repeat):
-            for name, cmd, expect in cases:
-                s = run(cmd, env)
-                if s.rc != expect:
-                    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                    sys.exit(f"{name}: exit {s.rc}, expected {expect}\n{out.stdout}{out.stderr}")
-                samples[name].append(s)
+        samples = round_robin(cases, env, args.repeat)
 
         base_wall = med(s.wall for s in samples["python3 -c pass"])
         base_cpu = med(s.cpu for s in samples["python3 -c pass"])
