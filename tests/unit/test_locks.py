@@ -29,7 +29,7 @@ def holder(code: str, *args: str) -> subprocess.Popen:
     """Another process that takes a lock, prints "held", and keeps it until stdin closes."""
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=ENV)
-    assert proc.stdout.readline().strip() == "held"
+    assert proc.stdout.readline().split()[0] == "held"
     return proc
 
 
@@ -41,11 +41,11 @@ with filelock.FileLock(sys.argv[1]):
 """
 
 HOOK_HOLDER = """
-import sys
+import sys, time
 from pvehook.journal import device_locks
 from pvehook.paths import Root
-with device_locks(Root(sys.argv[1]), sys.argv[2:], timeout=5):
-    print("held", flush=True)
+with device_locks(Root(sys.argv[1]), sys.argv[2:], timeout=10):
+    print("held", time.monotonic(), flush=True)
     sys.stdin.read()
 """
 
@@ -83,21 +83,20 @@ def test_the_hook_lock_keeps_filelock_out(tmp_path):
 
 
 def test_a_waiting_run_gets_the_lock_when_the_other_lets_go(tmp_path):
-    root = Root(tmp_path)
     other = holder(HOOK_HOLDER, str(tmp_path), A, B)
     try:
-        waiter = subprocess.Popen(
-            [sys.executable, "-c", "import sys, time\n"
-             "from pvehook.journal import device_locks\nfrom pvehook.paths import Root\n"
-             "with device_locks(Root(sys.argv[1]), [sys.argv[2]], timeout=10):\n"
-             "    print(time.monotonic(), flush=True)\n", str(tmp_path), B],
-            stdout=subprocess.PIPE, text=True, env=ENV)
+        # The same holder, with nothing on stdin: it lets go as soon as it has the lock.
+        waiter = subprocess.Popen([sys.executable, "-c", HOOK_HOLDER, str(tmp_path), B],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                                  env=ENV)
         time.sleep(0.3)
         assert waiter.poll() is None  # still waiting
         released = time.monotonic()
     finally:
         release(other)
-    got = float(waiter.communicate(timeout=10)[0])
+    said, got = waiter.communicate(timeout=10)[0].split()
+    assert said == "held"
+    got = float(got)
     assert waiter.returncode == 0
     assert released <= got < released + 5  # woke up on the release, long before its 10 s
 
