@@ -15,6 +15,7 @@ tests/vm/README.md describes what the guest offers (paths, env, helpers, modules
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -291,17 +292,24 @@ def run_guest(
     files: dict[str, str | bytes] | None = None,
     workdir: str | Path | None = None,
     src_dir: str | Path = SRC_DIR,
+    pre_udev: str | None = None,
+    state_dir: str | Path | None = None,
 ) -> GuestResult:
     """Boot the guest, run ``script`` with bash in /src, return its exit code and output.
 
     files: extra files written into the results dir before boot (guest: /results/NAME).
     workdir: where console.log, results/ and the temporary disk images go; a fresh
     temp dir (kept after the run, images deleted) when None.
+    pre_udev: a bash script run in the guest root before udevd starts (its output in
+    /results/pre-udev.log): what a node does at boot before it sees its devices.
+    state_dir: a host dir shared read-write as /state in the guest; pass the same one to
+    two boots (and the same disk images) to model a node's reboot.
     Raises GuestError if no exit code is reported before ``timeout`` (qemu is killed).
     """
     topology = topology or Topology()
     kver_file = CACHE / "kernel" / "version"
-    if not kver_file.exists() or not (CACHE / "initrd.img").exists():
+    initrd = CACHE / f"initrd-{hashlib.sha256((HERE / 'init.sh').read_bytes()).hexdigest()[:16]}.img"
+    if not kver_file.exists() or not initrd.exists():
         raise GuestError(f"VM cache {CACHE} is not built: run tests/vm/setup.sh as root")
     kernel = CACHE / "kernel" / "vmlinuz"
 
@@ -323,6 +331,8 @@ def run_guest(
     (results / "topology.json").write_text(json.dumps(
         [{"kind": d.kind, "bdf": d.bdf, "serial": d.serial, "group": d.group, "size": d.size}
          for d in topology.devices], indent=1))
+    if pre_udev is not None:
+        (results / "pre-udev.sh").write_text(pre_udev)
     for name, content in (files or {}).items():
         p = results / name
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -359,13 +369,17 @@ def run_guest(
         # -nodefaults drops the CD-ROM, parallel port, VGA and NIC that udev would
         # otherwise spend seconds on; the serial console goes to stdout (= -nographic).
         "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(CACHE / "initrd.img"), "-append", append,
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
         "-fsdev", "local,id=fshost,path=/,security_model=none,readonly=on",
         "-device", "virtio-9p-pci,fsdev=fshost,mount_tag=hostroot,addr=2.0",
         "-fsdev", f"local,id=fsres,path={results},security_model=none",
         "-device", "virtio-9p-pci,fsdev=fsres,mount_tag=results,addr=3.0",
         *dev_args, *extra_qemu_args,
     ]
+    if state_dir is not None:
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        cmd += ["-fsdev", f"local,id=fsstate,path={Path(state_dir).resolve()},security_model=none",
+                "-device", "virtio-9p-pci,fsdev=fsstate,mount_tag=state,addr=1.0"]
     (work / "qemu-cmd.txt").write_text(shlex.join(cmd) + "\n")
 
     start = time.monotonic()

@@ -51,6 +51,10 @@ mount --bind "/host$CACHE/kernel/usr/lib/modules" $R/usr/lib/modules || die "bin
 [ -n "$SRC" ] && { mount --bind "/host$SRC" $R/src || die "bind src $SRC"; }
 mount --bind /results $R/results
 mount --bind /host $R/host
+# Optional writable share that outlives the boot (a node's disk across reboots).
+mkdir -p $R/state
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 state $R/state 2>/dev/null ||
+    rmdir $R/state
 mount -t proc proc $R/proc
 mount -t sysfs sys $R/sys
 mount -t devtmpfs dev $R/dev
@@ -72,6 +76,8 @@ cat >$R/run/pvehook-stage2.sh <<'EOF'
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 TERM=dumb
 export SYSTEMD_IGNORE_CHROOT=1 PYTHONPATH=/src PYTHONDONTWRITEBYTECODE=1
+# What a node does before udev sees its devices (restore /etc, install a package...).
+[ -f /results/pre-udev.sh ] && bash /results/pre-udev.sh </dev/null >/results/pre-udev.log 2>&1
 /usr/lib/systemd/systemd-udevd --daemon >/dev/null 2>&1
 udevadm trigger --type=subsystems --action=add
 udevadm trigger --type=devices --action=add

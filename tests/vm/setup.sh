@@ -13,14 +13,20 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 HOST_PKGS="qemu-system-x86 debootstrap busybox-static cpio xz-utils zstd kmod"
 TREE_PKGS="python3,python3-pyudev,python3-click,python3-filelock,python3-proxmoxer,python3-pytest,\
 udev,kmod,lvm2,thin-provisioning-tools,qemu-system-x86,fdisk,e2fsprogs,util-linux,mount,\
-procps,psmisc,time,busybox,nvme-cli,pciutils,jq,less"
+procps,psmisc,time,busybox,nvme-cli,pciutils,jq,less,mdadm,passwd"
 # Versions: change one to rebuild that part (and the ones built from it).
 TREE_VER="trixie-1:$TREE_PKGS"
 KERNEL_VER="trixie-kernel-1"
-INITRD_VER="initrd-1:$(sha256sum "$HERE/init.sh" | cut -c1-16)"
+# One initramfs per version of init.sh (initrd-<hash>.img), so work trees with different
+# init.sh versions share the cache without rebuilding it back and forth.
+INITRD_HASH=$(sha256sum "$HERE/init.sh" | cut -c1-16)
+INITRD=$CACHE/initrd-$INITRD_HASH.img
 
 [ "$(id -u)" = 0 ] || { echo "setup.sh: must run as root" >&2; exit 1; }
 mkdir -p "$CACHE/stamps"
+# Several test runs (work trees) may call this at once: one at a time.
+exec 9>"$CACHE/.setup.lock"
+flock 9
 log() { echo "[setup.sh $(date +%T)] $*" >&2; }
 
 # stamp_ok PART VERSION: true if PART was built with exactly VERSION.
@@ -49,7 +55,7 @@ fi
 TREE=$CACHE/trixie
 if ! stamp_ok tree "$TREE_VER"; then
     log "debootstrap trixie into $TREE (about a minute)"
-    rm -rf "$TREE" "$CACHE/stamps/kernel" "$CACHE/stamps/initrd"
+    rm -rf "$TREE" "$CACHE/stamps/kernel" "$CACHE"/initrd-*.img
     debootstrap --variant=minbase --include="$TREE_PKGS" trixie "$TREE" "$MIRROR" >&2
     # Package lists inside the tree, used below to find and fetch the kernel.
     chroot "$TREE" apt-get update -q >&2
@@ -61,7 +67,7 @@ fi
 KDIR=$CACHE/kernel
 if ! stamp_ok kernel "$KERNEL_VER"; then
     log "fetching trixie's kernel"
-    rm -rf "$KDIR" "$CACHE/stamps/initrd"
+    rm -rf "$KDIR" "$CACHE"/initrd-*.img
     chroot "$TREE" apt-get update -q >&2
     # linux-image-amd64 is a metapackage; its Depends names the versioned image package.
     kpkg=$(chroot "$TREE" apt-cache depends linux-image-amd64 |
@@ -82,7 +88,7 @@ fi
 kver=$(cat "$KDIR/version")
 
 # --- initramfs ---------------------------------------------------------------------------
-if ! stamp_ok initrd "$INITRD_VER"; then
+if [ ! -e "$INITRD" ]; then
     log "building initramfs"
     work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
     mkdir -p "$work"/{bin,sbin,proc,sys,dev,newroot,host,results,ovl,mods}
@@ -105,9 +111,8 @@ if ! stamp_ok initrd "$INITRD_VER"; then
         echo "$name" >>"$work/mods/order"
     done
     log "initramfs modules: $(tr '\n' ' ' <"$work/mods/order")"
-    (cd "$work" && find . | cpio -o -H newc --quiet | gzip -1) >"$CACHE/initrd.img.tmp"
-    mv "$CACHE/initrd.img.tmp" "$CACHE/initrd.img"
-    stamp_set initrd "$INITRD_VER"
+    (cd "$work" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD.tmp.$$"
+    mv "$INITRD.tmp.$$" "$INITRD"
 fi
 
 echo "$CACHE"
