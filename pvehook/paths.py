@@ -52,6 +52,9 @@ class Root:
     def etc(self, *parts: str) -> Path:
         return self._join("/etc").joinpath(*parts)
 
+    def var_lib(self, *parts: str) -> Path:
+        return self._join("/var/lib").joinpath(*parts)
+
     # Places the hook owns.
     @property
     def state_dir(self) -> Path:
@@ -60,3 +63,8 @@ class Root:
     @property
     def lock_dir(self) -> Path:
         return self.run("lock", "pvehook")
+
+    @property
+    def lib_dir(self) -> Path:
+        """Node-local state that survives reboots (reservations, drive pins)."""
+        return self.var_lib("pvehook")
