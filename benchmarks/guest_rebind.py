@@ -1,6 +1,6 @@
 """Item 2: the hook against the kernel's own work, on a real kernel, in one boot.
 
-    sudo python3 benchmarks/guest_rebind.py [--repeat N] [--keep]
+    python3 benchmarks/guest_rebind.py [--repeat N] [--keep]
 
 Boots tests/vm's guest (Debian trixie's kernel and userland under QEMU TCG, q35 +
 intel-iommu, 1 vCPU) with one isolated NVMe controller, and times with /usr/bin/time,

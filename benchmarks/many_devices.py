@@ -1,7 +1,7 @@
 """Item 3: a VM with many NVMe controllers whose drives take long to shut down.
 
     python3 benchmarks/many_devices.py [--python PY] [--delay S] [--repeat N]
-    sudo python3 benchmarks/many_devices.py --guest [--iops N] [--inflight K]
+    python3 benchmarks/many_devices.py --guest [--iops N] [--inflight K]
 
 Fake kernel (default): N = 1, 2, 4, 8 controllers, every unbind takes --delay seconds
 (FakeHost.fault(addr, "unbind", "delay", s): nvme shutting a drive down at pre-start,

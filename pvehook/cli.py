@@ -12,25 +12,8 @@ import sys
 import click
 
 from . import __version__
+from . import exitcodes as codes
 from .errors import PvehookError, UsageError
-
-EXIT_CODES = """\b
-Exit codes:
-  0   done / the node is ready / check: the hook would start the VM
-  1   error (a Proxmox API error, an unreadable or malformed config)
-  2   bad usage
-  3   check: a hostpci id or mapping names no device on this node
-  4   not root
-  5   not a Proxmox VE node (no pvesh/pvesm, or no usable proxmoxer)
-  6   the VM does not exist (or is a container)
-  7   storage: missing, not a directory storage, or no snippets content
-  8   the VM already has another hookscript (use --force)
-  9   doctor: the node is not ready
-  10-15 check: the hook's refusal (10 IOMMU, 11 disk in use by the host,
-      12 held by another VM, 13 bind, 14 give-back, 15 volume);
-      import-raw: 11 the host uses the source disk
-  16  import-raw: the VM is running, locked, or on another node
-  17  import-raw: the source starts with a disk-image or LUKS header"""
 
 MAIN_HELP = f"""Safe NVMe passthrough for Proxmox VE: opt VMs in to the pvehook hookscript
 and see what it will do. Run as root on a Proxmox VE node.
@@ -49,7 +32,7 @@ Examples:
 Shell completion (bash; zsh and fish likewise):
   eval "$(_PVEHOOK_COMPLETE=bash_source pvehook)"
 
-{EXIT_CODES}
+{codes.help_text()}
 """
 
 
@@ -318,12 +301,17 @@ local-lvm:0,import-from=/dev/nvme1n1,format=raw,...), after checking that the VM
 stopped, the host does not use the disk and the storage is LVM.
 
 \b
-Exit codes: 0 done; 1 Proxmox refused or the import task failed; 2 bad usage (the
-source is not a whole block device, the slot is taken); 4 not root; 5 not a Proxmox
-VE node; 6 no such VM; 7 storage missing, not lvm/lvmthin, or no snippets storage
-to register the hookscript; 8 the VM has another hookscript (--no-register); 11 the
-host uses the source disk; 16 the VM is running, locked or on another node; 17 the
-source starts with a disk-image or LUKS header.""")
+""" + codes.summary([
+    (codes.OK, "done"), (codes.ERROR, "Proxmox refused or the import task failed"),
+    (codes.USAGE, "bad usage (the source is not a whole block device, the slot is taken)"),
+    (codes.NOT_ROOT, "not root"), (codes.NOT_PROXMOX, "not a Proxmox VE node"),
+    (codes.NO_VM, "no such VM"),
+    (codes.STORAGE, "storage missing, not lvm/lvmthin, or no snippets storage to register"
+                    " the hookscript"),
+    (codes.HOOKSCRIPT_CONFLICT, "the VM has another hookscript (--no-register)"),
+    (codes.IN_USE, "the host uses the source disk"),
+    (codes.VM_BUSY, "the VM is running, locked or on another node"),
+    (codes.IMAGE_HEADER, "the source starts with a disk-image or LUKS header")]))
 @click.argument("vmid", type=VMID, shell_complete=_vmid_completion)
 @click.argument("source", metavar="SOURCE_DISK")
 @click.argument("storage")

@@ -49,7 +49,9 @@ from pathlib import Path
 
 from .block import BlockDevice
 from .context import Context
-from .errors import InUseError, PvehookError, UsageError
+from .errors import (  # noqa: F401 (re-exported)
+    ImageHeaderError, InUseError, PvehookError, TaskError, UsageError, VmBusyError,
+)
 from .pve import (ApiError, HookscriptConflictError, Pve, StorageError, Vm, _one_line,
                   choose_storage, preflight, snippet_volid)
 from .storagecfg import LVM_TYPES, load_storage_cfg
@@ -80,22 +82,6 @@ _HEADERS = (
     (0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop", "cloop"),
     (0, b"LUKS\xba\xbe", "LUKS"),
 )
-
-
-class VmBusyError(PvehookError):
-    """The VM cannot take the import now: running, locked, or on another node."""
-
-    exit_code = 16
-
-
-class ImageHeaderError(PvehookError):
-    """The source starts with a header qemu-img would probe instead of reading raw."""
-
-    exit_code = 17
-
-
-class TaskError(ApiError):
-    """The Proxmox task ended with an error."""
 
 
 @dataclass(frozen=True)

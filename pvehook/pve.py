@@ -30,7 +30,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PvehookError
+from .errors import (  # noqa: F401 (re-exported: the CLI's errors were defined here)
+    ApiError, HookscriptConflictError, NotProxmoxError, NotRootError, PvehookError,
+    StorageError, VmNotFoundError,
+)
 from .paths import HOOK_PATH
 
 SNIPPET_NAME = "pvehook-hook"
@@ -43,42 +46,6 @@ DIR_TYPES = ("dir", "nfs", "cifs", "cephfs", "btrfs", "glusterfs")
 SHARED_TYPES = ("nfs", "cifs", "cephfs", "glusterfs")
 
 API_TIMEOUT = 120  # seconds per pvesh call (proxmoxer's default, 5 s, is too short)
-
-
-# -- errors (exit codes are decided in cli.main) -------------------------------------
-
-class NotRootError(PvehookError, PermissionError):
-    exit_code = 4
-
-
-class NotProxmoxError(PvehookError):
-    exit_code = 5
-
-
-class VmNotFoundError(PvehookError, LookupError):
-    exit_code = 6
-
-
-class StorageError(PvehookError):
-    """No usable snippets storage: missing, not a directory storage, no snippets."""
-
-    exit_code = 7
-
-
-class HookscriptConflictError(PvehookError):
-    """The VM already has another hookscript."""
-
-    exit_code = 8
-
-
-class ApiError(PvehookError):
-    """Proxmox refused a request, or pvesh failed."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, hint: str | None = None, status: int | None = None):
-        super().__init__(message, hint)
-        self.status = status
 
 
 def is_ours(hookscript: str | None) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__, iommu
 from .block import controller_serial, namespaces
 from .context import Context, node_name
-from .errors import ConfigError, PvehookError
+from .errors import ConfigError, NodeNotReadyError, PvehookError  # noqa: F401
 from .holds import Holds, vm_running
 from .mapping import load_pci_mappings
 from .paths import Root
@@ -25,12 +25,6 @@ from .resolve import alternatives
 from .storagecfg import load_storage_cfg, lvm_volume
 from .usage import host_use
 from .vmconfig import VmConfig
-
-
-class NodeNotReadyError(PvehookError):
-    """doctor found at least one problem."""
-
-    exit_code = 9
 
 
 def local_node(root: Root) -> str:

@@ -186,7 +186,8 @@ def test_the_hook_imports_only_what_it_needs(host):
     assert [d["address"] for d in record(host, 100)["devices"]] == [A]
 
     post_start = _imports([hook, "100", "post-start"], env) - bare
-    assert post_start <= {"pvehook", "pvehook.hook", "pvehook.errors", "__future__"}
+    assert post_start <= {"pvehook", "pvehook.hook", "pvehook.errors", "pvehook.exitcodes",
+                          "__future__"}
 
 
 # -- refusals: nothing changes -----------------------------------------------------------

@@ -9,15 +9,23 @@ from harness import Topology, run_guest  # noqa: E402
 SCRIPT = r"""
 set -u
 show() { echo; echo "\$ $*"; eval "$@"; }
-modprobe nvme; udevadm settle
+modprobe nvme; modprobe virtio_blk; modprobe dm_thin_pool; udevadm settle
 A=$VM_BDF_DISK_A B=$VM_BDF_DISK_B
+# The node as a Proxmox VE installer leaves it: storage 'local' and 'local-lvm' (the thin
+# pool pve/data), here on the node's own disk, with VM 100's RAW disk already in it.
+sys=/dev/disk/by-id/virtio-NODE_DISK
+pvcreate -q $sys && vgcreate -q pve $sys && lvcreate -q -Zn -L 256M -T pve/data >/dev/null
+lvcreate -q -V 32G -T pve/data -n vm-100-disk-0 >/dev/null 2>&1
 mkdir -p /etc/pve/qemu-server
-printf 'memory: 4096\nhostpci0: %s,pcie=1\nscsi0: local-lvm:vm-100-disk-0,size=32G\n' "$A" \
+printf 'dir: local\n\tpath /var/lib/vz\n\tcontent iso,vztmpl,backup\n\nlvmthin: local-lvm\n\tthinpool data\n\tvgname pve\n\tcontent rootdir,images\n' \
+    > /etc/pve/storage.cfg
+printf 'memory: 4096\nmachine: q35\nhostpci0: %s,pcie=1\nscsi0: local-lvm:vm-100-disk-0,discard=on,size=32G\n' "$A" \
     > /etc/pve/qemu-server/100.conf
 printf 'pvehook demo %s' "$(date)" | dd of=$(vm_nvme_disk DISK_A) bs=512 seek=2048 conv=sync status=none
 echo "Two identical NVMe controllers (1b36:0010): DISK_A at $A, DISK_B at $B."
 show "lspci -nn -s ${A#0000:}; lspci -nn -s ${B#0000:}"
 show "cat /etc/pve/qemu-server/100.conf"
+show "python3 -m pvehook.cli check 100"
 show "/src/hooks/pvehook-hook 100 pre-start; echo exit code \$?"
 show "echo \"$A: \$(vm_driver $A)   $B (its twin): \$(vm_driver $B)\""
 echo; echo "# What Proxmox does next: QEMU opens the device through VFIO."
@@ -29,7 +37,8 @@ show "dd if=\$(vm_nvme_disk DISK_A) bs=512 skip=2048 count=1 status=none | tr -d
 
 
 def main() -> int:
-    topo = Topology().isolated_nvme("DISK_A").isolated_nvme("DISK_B")
+    topo = (Topology().isolated_nvme("DISK_A").isolated_nvme("DISK_B")
+            .plain_disk("NODE_DISK", size="1G"))
     print("== booting Debian trixie's kernel under QEMU (q35, intel-iommu, TCG) ==")
     res = run_guest(SCRIPT, topo, timeout=300)
     print(res.output)

@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (it installs packages and boots QEMU)" >&2; exit 1; }
+# A fresh Debian machine may have no python3 yet (demo.py runs the guest with it).
+command -v python3 >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3; }
 echo "== setting up the guest (cached after the first run) =="
 bash tests/vm/setup.sh >/dev/null
 exec python3 tests/vm/demo.py
