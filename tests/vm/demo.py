@@ -14,7 +14,7 @@ A=$VM_BDF_DISK_A B=$VM_BDF_DISK_B
 # The node as a Proxmox VE installer leaves it: storage 'local' and 'local-lvm' (the thin
 # pool pve/data), here on the node's own disk, with VM 100's RAW disk already in it.
 sys=/dev/disk/by-id/virtio-NODE_DISK
-pvcreate -q $sys && vgcreate -q pve $sys && lvcreate -q -Zn -L 256M -T pve/data >/dev/null
+{ pvcreate -q $sys && vgcreate -q pve $sys && lvcreate -q -Zn -L 256M -T pve/data; } >/dev/null
 lvcreate -q -V 32G -T pve/data -n vm-100-disk-0 >/dev/null 2>&1
 mkdir -p /etc/pve/qemu-server
 printf 'dir: local\n\tpath /var/lib/vz\n\tcontent iso,vztmpl,backup\n\nlvmthin: local-lvm\n\tthinpool data\n\tvgname pve\n\tcontent rootdir,images\n' \
