@@ -40,7 +40,7 @@ def assign(ctx: Context, plan: Plan) -> None:
         if not ctx.root.sys("bus", "pci", "drivers", VFIO).is_dir():
             try:
                 ctx.kernel.load_module("vfio-pci")
-            except Exception as e:
+            except OSError as e:
                 raise BindError(f"cannot load vfio-pci: {e}",
                                 hint="check that the vfio-pci module is installed") from e
         errors = rebind.move(ctx.kernel, [(s.device, VFIO) for s in plan.steps],
@@ -140,7 +140,7 @@ def give_back(ctx: Context, record: VmRecord, devices: list[DeviceRecord],
 def _restore_lvm(ctx: Context, addr: str, disks: list[BlockDevice], errors: list[str]) -> None:
     try:
         vgs = deactivate_guest_vgs(ctx.root, disks)
-    except Exception as e:
+    except OSError as e:  # lvm missing, failing, or printing what we cannot read
         errors.append(f"{addr}: could not check the guest's LVM volume groups: {e}")
         return
     if vgs:

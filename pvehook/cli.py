@@ -397,9 +397,14 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"pvehook: error: {' '.join(str(e).split())}", err=True)
         sys.exit(e.exit_code)
     except PermissionError as e:
-        from .pve import NotRootError
+        import os
 
-        err = NotRootError(f"permission denied: {e.filename or e}", hint="run pvehook as root")
+        from .errors import NotRootError, PvehookError as Error
+
+        what = f"permission denied: {e.filename or e}"
+        # As root, a permission error is not about being root (a read-only mount, an
+        # immutable file, an LSM): say what was refused, with exit 1.
+        err = NotRootError(what, hint="run pvehook as root") if os.geteuid() != 0 else Error(what)
         click.echo(f"pvehook: error: {err}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:

@@ -29,6 +29,10 @@ class Kernel:
         os.close(os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
 
     def load_module(self, name: str) -> None:
+        """modprobe; an OSError (with modprobe's own message) when it fails."""
         import subprocess  # rarely needed: vfio-pci is usually loaded
 
-        subprocess.run(["modprobe", name], check=True, capture_output=True, text=True)
+        proc = subprocess.run(["modprobe", name], capture_output=True, text=True)
+        if proc.returncode != 0:
+            why = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
+            raise OSError(f"modprobe {name}: {why}")

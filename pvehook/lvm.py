@@ -27,10 +27,15 @@ def _run(argv: list[str], check: bool, env: dict | None = None):
 
 
 def report(cmd: str, fields: str, *args: str) -> list[dict]:
-    """Rows of `lvm <cmd> --reportformat json -o <fields>`."""
-    out = _run(["lvm", cmd, "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
-                fields, *args], check=True).stdout
-    data = json.loads(out)
+    """Rows of `lvm <cmd> --reportformat json -o <fields>`; OSError when lvm fails."""
+    proc = _run(["lvm", cmd, "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
+                 fields, *args], check=False)
+    if proc.returncode != 0:
+        raise OSError(f"lvm {cmd} exited with {proc.returncode}: {' '.join(proc.stderr.split())}")
+    try:
+        data = json.loads(proc.stdout)
+    except ValueError as e:
+        raise OSError(f"lvm {cmd} printed no JSON report: {e}") from None
     key = {"pvs": "pv", "vgs": "vg", "lvs": "lv"}[cmd]
     return [row for rep in data.get("report", []) for row in rep.get(key, [])]
 
@@ -67,7 +72,9 @@ def deactivate_guest_vgs(root: Root, disks: list[BlockDevice]) -> list[str]:
     active = {r["vg_name"] for r in report("lvs", "vg_name,lv_active", *sorted(vgs))
               if r.get("lv_active") == "active"}
     for vg in sorted(active):
-        _run(["lvm", "vgchange", "--activate", "n", vg], check=True)
+        proc = _run(["lvm", "vgchange", "--activate", "n", vg], check=False)
+        if proc.returncode != 0:
+            raise OSError(f"vgchange -an {vg}: {' '.join(proc.stderr.split())}")
     return sorted(active)
 
 

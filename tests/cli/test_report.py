@@ -162,3 +162,21 @@ def test_hook_never_imports_proxmoxer_and_status_needs_no_api(node, cli, monkeyp
     monkeypatch.setenv("PATH", str(tmp_path))  # no pvesh, no pvesm
     two_nvme(node)
     assert cli("status")[0] == 0 and cli("iommu")[0] == 0
+
+
+def test_a_permission_error_is_not_root_only_when_not_root(node, cli, monkeypatch):
+    """As root, EACCES comes from elsewhere (an LSM, a read-only pmxcfs): say what was
+    refused, exit 1; only a user who is not root is told to become root (exit 4)."""
+    node.vm_config(100, "hostpci0: 01:00.0\n")
+    path = node.root.pve("qemu-server", "100.conf")
+
+    def refused(*_a, **_k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("pvehook.vmconfig.VmConfig.load", refused)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    code, _out, err = cli("check", 100)
+    assert code == 1 and f"permission denied: {path}" in err and "as root" not in err
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    code, _out, err = cli("check", 100)
+    assert code == 4 and "run pvehook as root" in err
