@@ -14,6 +14,7 @@ import click
 from . import __version__
 from . import exitcodes as codes
 from .errors import PvehookError, UsageError
+from .units import human_size
 
 MAIN_HELP = f"""Safe NVMe passthrough for Proxmox VE: opt VMs in to the pvehook hookscript
 and see what it will do. Run as root on a Proxmox VE node.
@@ -166,16 +167,6 @@ def list_(as_json):
     return 0
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return "?"
-
-
 @cli.command(epilog="\b\nExamples:\n  pvehook status\n  pvehook status 100 --json")
 @click.argument("vmid", required=False, type=VMID, shell_complete=_vmid_completion)
 @json_option
@@ -199,7 +190,8 @@ def status(vmid, as_json):
         click.echo(f"  driver {c['driver'] or 'none'}{override}; {group}{c['verdict']}")
         for ns in c["namespaces"]:
             use = "; ".join(ns["host_use"]) if ns["host_use"] else "not used by the host"
-            click.echo(f"  {ns['name']} ({_size(ns['size_bytes'])}): {use}")
+            size = "?" if ns["size_bytes"] is None else human_size(ns["size_bytes"])
+            click.echo(f"  {ns['name']} ({size}): {use}")
             for note in ns["notes"]:
                 click.echo(f"    {note}")
         if not c["namespaces"]:

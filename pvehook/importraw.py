@@ -56,7 +56,7 @@ from .pve import (ApiError, HookscriptConflictError, Pve, StorageError, Vm, _one
                   choose_storage, preflight, snippet_volid)
 from .storagecfg import LVM_TYPES, load_storage_cfg
 from .vmconfig import DISK_KEYS
-from .volumes import human_size
+from .units import human_size
 
 CACHE_MODES = ("none", "writethrough", "writeback", "directsync", "unsafe")
 IMPORT_KEYS = tuple(k for k in DISK_KEYS if k not in ("efidisk0", "tpmstate0"))
@@ -247,8 +247,7 @@ def check_storage(ctx: Context, sid: str) -> str:
         raise StorageError(f"storage '{sid}' does not allow disk images (content:"
                            f" {','.join(content)})",
                            hint=f"pvesm set {sid} --content {','.join([*content, 'images'])}")
-    nodes = s.options.get("nodes")
-    if s.options.get("disable") not in (None, "0") or (nodes and ctx.node not in nodes.split(",")):
+    if not s.on_node(ctx.node):
         raise StorageError(f"storage '{sid}' is disabled or not available on node {ctx.node}",
                            hint=f"enable it for {ctx.node} (pvesm set {sid} --disable 0 / --nodes)")
     if not s.vgname:

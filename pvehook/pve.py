@@ -35,6 +35,7 @@ from .errors import (  # noqa: F401 (re-exported: the CLI's errors were defined 
     StorageError, VmNotFoundError,
 )
 from .paths import HOOK_PATH
+from .storagecfg import serves_node
 
 SNIPPET_NAME = "pvehook-hook"
 SNIPPET_VOLNAME = f"snippets/{SNIPPET_NAME}"
@@ -107,7 +108,7 @@ class StorageInfo:
         return "snippets" in self.content
 
     def on_node(self, node: str) -> bool:
-        return not self.disabled and (self.nodes is None or node in self.nodes)
+        return serves_node(self.disabled, self.nodes, node)
 
 
 class Pve:

@@ -404,12 +404,7 @@ def doctor_data(ctx: Context) -> list[dict]:
         storages = {}
         out.append(_finding("storage", "error", str(e)))
 
-    def on_node(s) -> bool:
-        nodes = s.options.get("nodes")
-        return s.options.get("disable") in (None, "0") and (
-            not nodes or ctx.node in nodes.split(","))
-
-    dirs = [s for s in storages.values() if s.type in DIR_TYPES and on_node(s)]
+    dirs = [s for s in storages.values() if s.type in DIR_TYPES and s.on_node(ctx.node)]
     snip = [s for s in dirs if "snippets" in s.options.get("content", "").split(",")]
     if snip:
         out.append(_finding("snippets", "ok", "snippets allowed on " + ", ".join(s.id for s in snip)))

@@ -74,8 +74,19 @@ def parse_sections(
     return sections
 
 
+def serves_node(disabled: bool, nodes, node: str) -> bool:
+    """Proxmox's rule (PVE::Storage storage_check_enabled, storage_check_node): a storage
+    serves a node unless it is disabled or its `nodes` list (None: every node) leaves the
+    node out."""
+    return not disabled and (not nodes or node in nodes)
+
+
 class Storage(namedtuple("Storage", "id type options")):
     __slots__ = ()
+
+    def on_node(self, node: str) -> bool:
+        nodes = [n for n in (self.options.get("nodes") or "").split(",") if n]
+        return serves_node(self.options.get("disable", "0") not in ("0", ""), nodes, node)
 
     @property
     def vgname(self) -> str | None:

@@ -19,6 +19,7 @@ from .block import BlockDevice
 from .context import Context
 from .errors import ConfigError, PvehookError, VolumeError
 from .storagecfg import LVM_TYPES, LvmVolume, load_storage_cfg, lvm_volume
+from .units import human_size, parse_size
 from .vmconfig import Disk, VmConfig
 
 # Everything read from `lvm lvs`; -a adds the hidden LVs ([data_tdata]) under a thin pool,
@@ -27,30 +28,7 @@ from .vmconfig import Disk, VmConfig
 LVS_FIELDS = ("vg_name,lv_name,pool_lv,data_lv,segtype,lv_size,lv_device_open,"
               "lv_kernel_major,lv_kernel_minor,devices")
 
-# PVE::JSONSchema::parse_size (pve-common): binary units, no suffix = bytes.
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT](?:iB)?)?$")
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DEVICE_RE = re.compile(r"^(.*)\((\d+)\)$")  # "/dev/sda3(0)", "data_tdata(0)"
-
-
-def parse_size(value: str) -> int | None:
-    """Bytes of a Proxmox `size=` value (`32G`, `528K`, `4MiB`, `1.5T`, `1024`)."""
-    m = _SIZE_RE.match(value)
-    if not m:
-        return None
-    from decimal import Decimal  # exact "1.5T"; only for VMs with a size= on LVM
-
-    unit = (m[2] or "")[:1]
-    return int(Decimal(m[1]) * _UNITS.get(unit, 1))
-
-
-def human_size(n: int) -> str:
-    """`32 GiB`, `4 MiB`, `31.5 GiB`, `512 B`."""
-    for unit, mult in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= mult:
-            v = n / mult
-            return f"{v:.0f} {unit}" if n % mult == 0 else f"{v:.1f} {unit}"
-    return f"{n} B"
 
 
 class _Lv(namedtuple("_Lv", "row devices")):
