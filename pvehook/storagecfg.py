@@ -24,6 +24,10 @@ _STORAGE_ID_RE = re.compile(r"^[a-z][a-z0-9\-_.]*[a-z0-9]$", re.IGNORECASE | re.
 _LVM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9\-_.]*[a-z0-9]$", re.IGNORECASE | re.ASCII)
 
 LVM_TYPES = ("lvm", "lvmthin")
+# Storage types whose volumes are files under a path, and which may hold snippets
+# (pve-storage: Dir, NFS, CIFS, CephFS, BTRFS plugins; GlusterFS until PVE 8).
+DIR_TYPES = ("dir", "nfs", "cifs", "cephfs", "btrfs", "glusterfs")
+SHARED_TYPES = ("nfs", "cifs", "cephfs", "glusterfs")
 
 
 class Section(namedtuple("Section", "lineno type id items")):

@@ -1,4 +1,4 @@
-"""The stand-in's error shapes, and what real proxmoxer makes of them (pvehook.pve.Pve)."""
+"""The stand-in's error shapes, and what real proxmoxer makes of them (pvehook.cli.api.Pve)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from pvehook.pve import ApiError, Pve, Vm
+from pvehook.cli.api import Pve, Vm
+from pvehook.errors import ApiError
 
 
 def pvesh(*args):

@@ -212,7 +212,7 @@ def test_a_failed_copy_attaches_nothing(seed, cli, monkeypatch):
 
 
 def test_a_task_in_the_background_is_polled(seed, cli, monkeypatch):
-    import pvehook.importraw as ir
+    import pvehook.cli.importraw as ir
 
     monkeypatch.setattr(ir, "POLL_MIN", 0.05)
     monkeypatch.setattr(ir, "POLL_MAX", 0.1)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import stat
 
-from pvehook.pve import HOOK_PATH, SNIPPET_BODY
+from pvehook.cli.configs import SNIPPET_BODY
+from pvehook.paths import HOOK_PATH
 
 VOL = "local:snippets/pvehook-hook"
 SNIPPETS = """\

@@ -154,7 +154,7 @@ def test_help_version_and_module_entry(cli):
 
 def test_hook_never_imports_proxmoxer_and_status_needs_no_api(node, cli, monkeypatch, tmp_path):
     repo = Path(__file__).resolve().parents[2]
-    code = ("import sys, pvehook.hook, pvehook.report, pvehook.cli;"
+    code = ("import sys, pvehook.hook, pvehook.cli;"
             "assert 'proxmoxer' not in sys.modules, 'proxmoxer imported'")
     p = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(repo)},
                        capture_output=True, text=True)

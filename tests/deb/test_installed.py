@@ -64,7 +64,7 @@ fact after_maintscripts "$(dpkg-query -W -f '${db:Status-Abbrev}' pvehook 2>/dev
 # Reinstall after the purge, register VM 900 as `pvehook register` does, upgrade.
 inst $DEB > /results/reinstall.log 2>&1; fact rc_reinstall $?
 mkdir -p /etc/pve/qemu-server /var/lib/vz/snippets
-python3 -c 'from pvehook.pve import SNIPPET_BODY; print(SNIPPET_BODY, end="")' > /var/lib/vz/snippets/pvehook-hook
+python3 -c 'from pvehook.cli.configs import SNIPPET_BODY; print(SNIPPET_BODY, end="")' > /var/lib/vz/snippets/pvehook-hook
 chmod 755 /var/lib/vz/snippets/pvehook-hook
 printf 'memory: 512\nhookscript: local:snippets/pvehook-hook\n' > /etc/pve/qemu-server/900.conf
 rm -rf /tmp/up && dpkg-deb -R $DEB /tmp/up

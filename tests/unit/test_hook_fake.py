@@ -181,6 +181,7 @@ def test_the_hook_imports_only_what_it_needs(host):
     pre_start = _imports([hook, "100", "pre-start"], env) - bare
     assert "pvehook.plan" in pre_start  # the whole pre-start path ran
     assert {m.split(".")[0] for m in pre_start} & NOT_IN_THE_HOOK == set()
+    assert not [m for m in pre_start if m.startswith("pvehook.cli")]  # the CLI's house
     # No storage.cfg on this node: no disk to confirm on LVM, so no lvs and no subprocess.
     assert "subprocess" not in pre_start
     assert [d["address"] for d in record(host, 100)["devices"]] == [A]

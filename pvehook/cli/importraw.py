@@ -47,23 +47,37 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .block import BlockDevice
-from .context import Context
-from .errors import (  # noqa: F401 (re-exported)
-    ImageHeaderError, InUseError, PvehookError, TaskError, UsageError, VmBusyError,
+import click
+
+from .. import exitcodes as codes
+from ..block import BlockDevice
+from ..context import Context
+from ..errors import (
+    ApiError, HookscriptConflictError, ImageHeaderError, InUseError, StorageError, TaskError,
+    UsageError, VmBusyError,
 )
-from .pve import (ApiError, HookscriptConflictError, Pve, StorageError, Vm, _one_line,
-                  choose_storage, preflight, snippet_volid)
-from .storagecfg import LVM_TYPES, load_storage_cfg
-from .vmconfig import DISK_KEYS
-from .units import human_size
+from ..storagecfg import LVM_TYPES, load_storage_cfg
+from ..units import human_size
+from ..vmconfig import DISK_KEYS
+from .api import Pve, Vm, one_line
+from .configs import context, snippet_volid
+from .entry import VMID, cli, emit_json, json_option, vmid_completion
+from .register import api, choose_storage, preflight, print_outcome, register_vms
 
 CACHE_MODES = ("none", "writethrough", "writeback", "directsync", "unsafe")
+
+
 IMPORT_KEYS = tuple(k for k in DISK_KEYS if k not in ("efidisk0", "tpmstate0"))
+
+
 POLL_MIN, POLL_MAX = 0.5, 5.0  # seconds between task-status polls (async tasks only)
 
+
 _UPID_LINE_RE = re.compile(r'^"(UPID:[^"]+)"$')
+
+
 _BUS_RE = re.compile(r"^([a-z]+)(\d+)$")
+
 
 # Headers qemu-img's format probes recognise at the start of a device (block/*.c probe
 # functions); a raw disk starting with one would be read as that format, not copied.
@@ -120,8 +134,6 @@ class Plan:
                 "option": self.option, "hookscript": self.hookscript,
                 "lines": self.lines, "notes": self.notes}
 
-
-# -- the source --------------------------------------------------------------------------
 
 def _whole_disks(ctx: Context) -> list[str]:
     try:
@@ -207,7 +219,7 @@ def image_header(path: Path) -> str | None:
 
 def check_source(ctx: Context, src: Source) -> tuple[list[str], list[str]]:
     """(lines, notes) for a source the host does not use; raises when it does."""
-    from .usage import host_use
+    from ..usage import host_use
 
     use = host_use(ctx.root, ctx.kernel, [src.device])
     if use.in_use:
@@ -227,8 +239,6 @@ def check_source(ctx: Context, src: Source) -> tuple[list[str], list[str]]:
              " not used by the host"]
     return lines, list(use.notes)
 
-
-# -- the target ------------------------------------------------------------------------------
 
 def check_storage(ctx: Context, sid: str) -> str:
     """A description of the lvm/lvmthin storage `sid`; raises StorageError otherwise."""
@@ -324,8 +334,6 @@ def plan_import(pve: Pve, ctx: Context, vmid: int, source: str, storage: str, ke
     return plan
 
 
-# -- doing it ----------------------------------------------------------------------------
-
 def _run_pvesh(plan: Plan, echo: Callable[[str], None]) -> tuple[str | None, int, str]:
     """Run the POST, printing the task's output as it comes: (UPID, exit code, stderr)."""
     argv = [*plan.pvesh_argv, "--output-format", "json"]
@@ -386,7 +394,7 @@ def run_import(pve: Pve, plan: Plan, echo: Callable[[str], None]) -> dict:
          f" {plan.storage}, as {plan.key} of VM {vmid}")
     upid, rc, err = _run_pvesh(plan, echo)
     if rc != 0 or upid is None:
-        why = _one_line(Exception(err)) or (f"pvesh exited with {rc}" if rc else "no task id")
+        why = one_line(Exception(err)) or (f"pvesh exited with {rc}" if rc else "no task id")
         raise ApiError(f"Proxmox refused POST {plan.api_path} {plan.key}: {why}",
                        hint="nothing was imported")
     # A task of a foreground pvesh has ended here; anything else is polled until it ends.
@@ -405,3 +413,93 @@ def run_import(pve: Pve, plan: Plan, echo: Callable[[str], None]) -> dict:
     return {"upid": upid, "exitstatus": exitstatus, "config": value,
             "volume": value.split(",")[0], "warnings": warnings}
 
+
+@cli.command("import-raw", epilog="""\b
+Examples:
+  pvehook import-raw 100 /dev/disk/by-id/nvme-Samsung_SSD_990_PRO_S7X local-lvm
+  pvehook import-raw 100 /dev/nvme1n1 local-lvm --bus scsi1 --cache none --dry-run
+
+\b
+The same as `qm importdisk 100 /dev/nvme1n1 local-lvm --format raw` followed by
+`qm set 100 -scsi0 local-lvm:vm-100-disk-0,cache=writeback,discard=on`, as one
+Proxmox request (POST /nodes/<node>/qemu/100/config -scsi0
+local-lvm:0,import-from=/dev/nvme1n1,format=raw,...), after checking that the VM is
+stopped, the host does not use the disk and the storage is LVM.
+
+\b
+""" + codes.summary([
+    (codes.OK, "done"), (codes.ERROR, "Proxmox refused or the import task failed"),
+    (codes.USAGE, "bad usage (the source is not a whole block device, the slot is taken)"),
+    (codes.NOT_ROOT, "not root"), (codes.NOT_PROXMOX, "not a Proxmox VE node"),
+    (codes.NO_VM, "no such VM"),
+    (codes.STORAGE, "storage missing, not lvm/lvmthin, or no snippets storage to register"
+                    " the hookscript"),
+    (codes.HOOKSCRIPT_CONFLICT, "the VM has another hookscript (--no-register)"),
+    (codes.IN_USE, "the host uses the source disk"),
+    (codes.VM_BUSY, "the VM is running, locked or on another node"),
+    (codes.IMAGE_HEADER, "the source starts with a disk-image or LUKS header")]))
+@click.argument("vmid", type=VMID, shell_complete=vmid_completion)
+@click.argument("source", metavar="SOURCE_DISK")
+@click.argument("storage")
+@click.option("--bus", "key", default="scsi0", show_default=True, metavar="SLOT",
+              help="Disk slot of the VM to attach it to (scsiN, virtioN, sataN, ideN).")
+@click.option("--cache", type=click.Choice(["writeback", "none", "writethrough", "directsync",
+                                            "unsafe", "default"]),
+              default="writeback", show_default=True,
+              help="Cache mode of the new disk ('default': leave it to Proxmox).")
+@click.option("--no-discard", is_flag=True, help="Do not set discard=on.")
+@click.option("--no-register", is_flag=True, help="Do not set pvehook as the VM's hookscript.")
+@click.option("--snippets-storage", metavar="S", help="Directory storage for the hookscript"
+              " snippet (as `register --storage`).")
+@click.option("--dry-run", is_flag=True, help="Check everything and print what would be done.")
+@json_option
+@click.pass_context
+def import_raw(cctx, vmid, source, storage, key, cache, no_discard, no_register, snippets_storage,
+               dry_run, as_json):
+    """Copy a whole disk into a new RAW LVM volume of a stopped VM and attach it.
+
+    SOURCE_DISK is a whole block device (/dev/nvme0n1, or a /dev/disk/by-id/ link to one);
+    STORAGE an lvm or lvmthin storage. The copy runs as a Proxmox task (qemu-img), its
+    progress is shown as it goes. Then pvehook is registered as the VM's hookscript.
+    """
+    def echo(line: str) -> None:
+        click.echo(line, err=as_json)
+
+    key = key.lower()
+    pve = api()
+    ctx = context()
+    plan = plan_import(pve, ctx, vmid, source, storage, key.lower(),
+                       None if cache == "default" else cache, not no_discard,
+                       not no_register, snippets_storage)
+    for line in plan.lines:
+        echo(line)
+    for note in plan.notes:
+        echo(f"note: {note}")
+    if dry_run:
+        echo("would run: " + " ".join(plan.pvesh_argv))
+        if plan.hookscript:
+            echo(f"would register the hookscript {plan.hookscript} on VM {vmid}")
+        echo("dry run: nothing changed")
+        if as_json:
+            emit_json({**plan.as_dict(), "dry_run": True})
+        cctx.exit(0)
+    done = run_import(pve, plan, echo)
+    echo(f"VM {vmid}: {key}: {done['config']}")
+    for w in done["warnings"]:
+        click.echo(f"pvehook: warning: {w}", err=True)
+    result = {**plan.as_dict(), "dry_run": False, **done, "registered": None}
+    if plan.hookscript:
+        out = register_vms(pve, ctx.root, [vmid], ctx.node, snippets_storage)
+        result["registered"] = out.as_dict()
+        if out.error is not None:
+            out.error.args = (f"{out.error.args[0]} (the disk was imported and attached as"
+                              f" {key}: {done['volume']})",)
+        if not as_json:
+            cctx.exit(print_outcome(out, False, "registered"))
+        emit_json(result)
+        if out.error is not None:
+            raise out.error
+        cctx.exit(0)
+    if as_json:
+        emit_json(result)
+    cctx.exit(0)
