@@ -12,7 +12,7 @@ show() { echo; echo "\$ $*"; eval "$@"; }
 modprobe nvme; udevadm settle
 A=$VM_BDF_DISK_A B=$VM_BDF_DISK_B
 mkdir -p /etc/pve/qemu-server
-printf 'memory: 4096\nhostpci0: %s,pcie=1\nscsi0: local-lvm:vm-100-disk-0,size=32G\n' "$A" \
+printf 'memory: 4096\nmachine: q35\nhostpci0: %s,pcie=1\nscsi0: local-lvm:vm-100-disk-0,size=32G\n' "$A" \
     > /etc/pve/qemu-server/100.conf
 printf 'pvehook demo %s' "$(date)" | dd of=$(vm_nvme_disk DISK_A) bs=512 seek=2048 conv=sync status=none
 echo "Two identical NVMe controllers (1b36:0010): DISK_A at $A, DISK_B at $B."

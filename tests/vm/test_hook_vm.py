@@ -57,7 +57,7 @@ S1=$VM_BDF_S1 S2=$VM_BDF_S2 S3=$VM_BDF_S3 S4=$VM_BDF_S4
 # Assign and give back, with a nested QEMU opening the device through VFIO in between.
 write_marker S1 "marker-S1-$$"
 fact marker_written "marker-S1-$$"
-conf 100 "memory: 1024\nhostpci0: ${S1#0000:},pcie=1\nscsihw: virtio-scsi-pci"
+conf 100 "memory: 1024\nmachine: q35\nhostpci0: ${S1#0000:},pcie=1\nscsihw: virtio-scsi-pci"
 run_hook pre 100 pre-start
 fact drv_after_pre "$(vm_driver $S1)"
 fact override_after_pre "$(override $S1)"
