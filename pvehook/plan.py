@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 
-from . import iommu, pciuse, qemuserver
+from . import iommu, qemuserver
 from .block import namespaces
 from .context import Context
 from .errors import (
@@ -177,6 +177,8 @@ def check_groups(ctx: Context, plan: Plan, holds: Holds) -> set[PciAddress]:
                 continue
             if drv is None or drv == VFIO:
                 continue
+            from . import pciuse  # only for a member on a host driver
+
             use = pciuse.host_use(ctx, m)
             if use.reasons:
                 plan.refusals.append(InUseError(
