@@ -123,6 +123,10 @@ def choose(ctx: Context, plan: Plan) -> None:
             if not dev.is_nvme:
                 plan.lines.append(f"{entry.key}: {addr} (class {dev.class_code:06x}) is not an"
                                   " NVMe controller, left to Proxmox")
+            elif str(addr) not in plan.candidates:  # not locked: the bus changed meanwhile
+                plan.refusals.append(HeldByOtherVMError(
+                    f"{entry.key}: {addr} appeared while this start waited for its locks",
+                    hint="start the VM again"))
             else:
                 plan.managed.append(dev)
 

@@ -407,3 +407,18 @@ def test_two_starts_with_the_same_mapping_both_start(host, ctx):
     assert host.driver_of(A) == host.driver_of(B) == "vfio-pci"
     taken = sorted(d["address"] for v in (100, 200) for d in record(host, v)["devices"])
     assert taken == [A, B]
+
+
+def test_a_controller_that_appears_while_waiting_for_the_locks_is_not_taken(host, ctx):
+    """Only locked devices are moved: one hot-plugged between prepare and choose is refused."""
+    from pvehook.plan import check, choose, prepare
+
+    nvme(host, "0000:01:00.0", group=1)
+    host.vm_config(100, "hostpci0: 01:00\n")  # every function of the slot
+    plan = prepare(ctx, 100)
+    assert plan.candidates == ["0000:01:00.0"]
+    nvme(host, "0000:01:00.1", group=1)
+    choose(ctx, plan)
+    check(ctx, plan)
+    assert [e.exit_code for e in plan.refusals] == [12]
+    assert "0000:01:00.1 appeared while this start waited for its locks" in str(plan.refusals[0])
