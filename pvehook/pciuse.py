@@ -9,6 +9,7 @@ named in a line and goes.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from .block import BlockDevice, namespaces
@@ -54,8 +55,16 @@ def host_use(ctx: Context, dev: PciDevice) -> FunctionUse:
     use = FunctionUse()
     disks = disks_under(ctx.root, dev)
     use.disks = [d.name for d in disks]
-    if disks:
-        du = disk_use(ctx.root, ctx.kernel, disks)
+    for disk in disks:  # one at a time: an empty drive fails the open probe by itself
+        try:
+            du = disk_use(ctx.root, ctx.kernel, [disk])
+        except OSError as e:
+            if e.errno == errno.ENOMEDIUM:  # a CD/DVD or card reader without a medium
+                use.notes.append(f"{disk.name} has no medium")
+            else:  # cannot tell: refuse rather than take it
+                use.reasons.append(f"cannot check whether the host uses {disk.name}:"
+                                   f" {e.strerror or e}")
+            continue
         use.reasons += du.reasons
         use.notes += du.notes
     nifs = interfaces_under(ctx.root, dev.sys_path)

@@ -422,3 +422,25 @@ def test_a_controller_that_appears_while_waiting_for_the_locks_is_not_taken(host
     check(ctx, plan)
     assert [e.exit_code for e in plan.refusals] == [12]
     assert "0000:01:00.1 appeared while this start waited for its locks" in str(plan.refusals[0])
+
+
+def test_an_empty_dvd_drive_in_the_group_does_not_break_the_check(host, hook, monkeypatch):
+    import errno
+
+    from fakesys import FakeKernel
+
+    gpu(host)
+    host.add_pci(SATA, cls=AHCI_CLASS, vendor=0x8086, device=0xA352, group=6, driver="ahci")
+    host.add_scsi_disk(SATA, "sr0")
+    real = FakeKernel.open_exclusive
+
+    def no_medium(self, path):
+        if path.name == "sr0":
+            raise OSError(errno.ENOMEDIUM, os.strerror(errno.ENOMEDIUM))
+        return real(self, path)
+
+    monkeypatch.setattr(FakeKernel, "open_exclusive", no_medium)
+    host.vm_config(100, f"hostpci0: {GPU}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 0, out
+    assert "sr0 has no medium" in out
