@@ -182,7 +182,8 @@ def fake_node(base: Path, controllers: int, vms: int = 0, vm_devices: dict | Non
         vmid = 100 + n
         lines = ["boot: order=scsi0", "cores: 4", "memory: 8192", "name: vm%d" % vmid,
                  "net0: virtio=BC:24:11:00:00:%02x,bridge=vmbr0" % (n % 256),
-                 "ostype: l26", "scsi0: local:%d/vm-%d-disk-0.qcow2,size=32G" % (vmid, vmid),
+                 "machine: q35", "ostype: l26",
+                 "scsi0: local:%d/vm-%d-disk-0.qcow2,size=32G" % (vmid, vmid),
                  "scsihw: virtio-scsi-pci", "hookscript: local:snippets/pvehook-hook"]
         for j, idx in enumerate(vm_devices.get(vmid, [])):
             lines.append(f"hostpci{j}: {nvme_addr(idx)[5:]},pcie=1")

@@ -108,7 +108,7 @@ cat > /tmp/bare_post_s.sh <<'SH'
 sh /tmp/bare_post.sh "$@" && udevadm settle
 SH
 export HOOK
-printf 'hostpci0: %s,pcie=1\n' "${B#0000:}" > /etc/pve/qemu-server/100.conf
+printf 'machine: q35\nhostpci0: %s,pcie=1\n' "${B#0000:}" > /etc/pve/qemu-server/100.conf
 # warm up both (page cache over 9p, udev rules)
 timed warm_hook_pre sh /tmp/hook_pre.sh; timed warm_hook_post sh /tmp/hook_post.sh
 timed warm_bare_pre sh /tmp/bare_pre_s.sh $B; timed warm_bare_post sh /tmp/bare_post_s.sh $B

@@ -81,7 +81,7 @@ def fake(args) -> None:
 
 GUEST_SCRIPT = r"""
 BDFS=$(jq -r '.[] | select(.kind == "nvme") | .bdf' /results/topology.json)
-i=0; for b in $BDFS; do printf 'hostpci%d: %s,pcie=1\n' $i "${b#0000:}"; i=$((i+1)); done \
+{ echo 'machine: q35'; i=0; for b in $BDFS; do printf 'hostpci%d: %s,pcie=1\n' $i "${b#0000:}"; i=$((i+1)); done; } \
     > /etc/pve/qemu-server/100.conf
 cat > /tmp/seq_pre.sh <<'SH'
 for b in "$@"; do

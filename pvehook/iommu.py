@@ -1,8 +1,10 @@
 """IOMMU groups and whether one can go to a VM without taking anything from the host.
 
 VFIO hands out a whole group: every member must be unbound, on vfio-pci, or a bridge
-(Documentation/driver-api/vfio.rst, "viable" groups). A member bound to any other host
-driver means the host uses it; qemu-server would bind it to vfio-pci without asking.
+(Documentation/driver-api/vfio.rst, "viable" groups). qemu-server binds every member but
+bridges with a secondary bus to vfio-pci without asking; `member_verdicts` is the coarse
+view for `pvehook status` (a member on a host driver: "host"), plan.check_groups the
+pre-start check (what the host actually uses on each member).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def member_verdicts(root: Root, group: str, passed: set[PciAddress]) -> list[Mem
         drv = m.driver
         if m.address in passed:
             verdict = "passed to this VM"
-        elif m.is_bridge:
+        elif root.sys("bus", "pci", "devices", str(m.address), "pci_bus").is_dir():
+            # qemu-server skips only bridges with a bus behind them (SysFSTools
+            # pci_dev_group_bind_to_vfio); an ISA/LPC bridge goes to vfio-pci too
             verdict = "bridge"
         elif drv is None:
             verdict = "unbound"

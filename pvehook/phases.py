@@ -9,16 +9,21 @@ from .tasklog import log
 
 def pre_start(ctx: Context, vmid: int) -> None:
     from .journal import device_locks
-    from .plan import check, prepare
+    from .plan import check, choose, prepare
 
-    plan, managed, passed = prepare(ctx, vmid)
-    if not plan.refusals and managed:
-        with device_locks(ctx.root, [str(d.address) for d in managed], ctx.timeouts.lock):
-            check(ctx, plan, managed, passed)
+    plan = prepare(ctx, vmid)
+    if not plan.refusals and plan.hostpci:
+        # Mapping alternatives are chosen under the lock of every candidate, so a device
+        # another start is taking is seen as taken and the next one is chosen. All the
+        # locks are taken at once in one global order (device_locks sorts): no deadlock.
+        with device_locks(ctx.root, plan.candidates, ctx.timeouts.lock):
+            choose(ctx, plan)
+            check(ctx, plan)
             _report(plan)
-            from .assign import assign  # only now: moving devices needs rebind, lvm, waits
+            if plan.steps or plan.stays:
+                from .assign import assign  # only now: moving devices needs rebind, lvm, waits
 
-            assign(ctx, plan)
+                assign(ctx, plan)
     else:
         _report(plan)
 

@@ -95,6 +95,30 @@ def _unquote(text: str) -> str:
     return unquote(text, errors="replace")
 
 
+# PVE::QemuServer::PCI $hostpci_fmt: every key qemu-server knows, and how it checks each
+# value (PVE::JSONSchema check_prop: booleans after parse_boolean, patterns anchored).
+# host, mapping and driver are checked in HostPci.parse with their own messages.
+_BOOL_RE = re.compile(r"^(?:1|on|yes|true|0|off|no|false)$", re.IGNORECASE)
+_HEX_ID_RE = re.compile(r"^0x[0-9a-fA-F]{4}$")
+_HOSTPCI_VALUES = {  # key -> the pattern its value must match, or None
+    "host": None, "mapping": None, "driver": None,
+    "rombar": _BOOL_RE, "pcie": _BOOL_RE, "x-vga": _BOOL_RE, "legacy-igd": _BOOL_RE,
+    "romfile": re.compile(r"^[^,;]+$"),
+    "mdev": re.compile(r"^[^/.:]+$"),
+    "vendor-id": _HEX_ID_RE, "device-id": _HEX_ID_RE,
+    "sub-vendor-id": _HEX_ID_RE, "sub-device-id": _HEX_ID_RE,
+}
+# What qemu-server does with a hostpci value its schema rejects: parse_vm_config warns
+# "vm <vmid> - unable to parse value of 'hostpciN' - ..." and drops the entry, so the VM
+# would start without that device. pvehook refuses instead (see HostPci.parse).
+_DROPPED = "qemu-server ignores this entry and would start the VM without the device"
+
+
+def parse_bool(value: str) -> bool:
+    """PVE::JSONSchema::parse_boolean for a value the schema accepted."""
+    return value.lower() in ("1", "on", "yes", "true")
+
+
 class HostPci(namedtuple("HostPci", "key selectors mapping driver options")):
     """`key` "hostpci0"; `selectors` the host= ids (";"-joined), empty with mapping=;
     `driver` "vfio", "keep" or None (qemu-server's default, vfio); `options` every
@@ -119,10 +143,32 @@ class HostPci(namedtuple("HostPci", "key selectors mapping driver options")):
     def keeps_driver(self) -> bool:
         return self.driver == "keep"
 
+    def flag(self, key: str) -> bool:
+        """A boolean option (pcie, x-vga, legacy-igd, rombar) as qemu-server reads it."""
+        value = self.options.get(key)
+        return value is not None and parse_bool(value)
+
+    @property
+    def binds_group(self) -> bool:
+        """qemu-server binds this entry's IOMMU groups to vfio-pci (PCI.pm
+        prepare_pci_device): every entry but driver=keep and mediated devices."""
+        return not self.keeps_driver and self.mdev is None
+
     @classmethod
     def parse(cls, key: str, value: str, *, where: str = "") -> "HostPci":
         where = where or key
         opts = parse_property_string(value, "host", where=where)
+        for k, v in opts.items():
+            if k not in _HOSTPCI_VALUES:
+                raise ConfigError(
+                    f"{where}: invalid key in comma-separated list property: {k} ({_DROPPED})",
+                    hint="remove or correct the key")
+            check = _HOSTPCI_VALUES[k]
+            if check is not None and not check.match(v):
+                why = (f"type check ('boolean') failed - got '{v}'" if check is _BOOL_RE
+                       else f"value does not match the regex pattern ('{v}')")
+                raise ConfigError(f"{where}: format error: {k}: {why} ({_DROPPED})",
+                                  hint="correct the value")
         host = opts.get("host")
         mapping = opts.get("mapping")
         if host is not None and mapping is not None:

@@ -281,6 +281,86 @@ class FakeHost:
             return []
         return sorted(p.parent.name for p in ndir.rglob("dev"))
 
+    # -- other functions in a group: bridges, disks, NICs, multipath ------------
+    def secondary_bus(self, addr: str, bus: str | None = None) -> None:
+        """Give a bridge the pci_bus/ directory the kernel creates for the bus behind it."""
+        bus = bus or addr[:5] + f"{int(addr[5:7], 16) + 1:02x}"
+        (self.device_dir(addr) / "pci_bus" / bus).mkdir(parents=True, exist_ok=True)
+
+    def add_scsi_disk(self, addr: str, name: str, partitions: int = 0,
+                      major: int = 8) -> None:
+        """A disk behind a storage controller (AHCI, SAS, USB): <pci>/ata1/host0/
+        target0:0:0/0:0:0:0/block/<name>, with its /dev node and udev entry."""
+        state = self._state()
+        n = state.setdefault("next_scsi", 0)
+        state["next_scsi"] = n + 1
+        bdir = (self.device_dir(addr) / f"ata{n + 1}" / f"host{n}" / f"target{n}:0:0"
+                / f"{n}:0:0:0" / "block" / name)
+        for p in range(partitions + 1):
+            pname = name if p == 0 else f"{name}{p}"
+            pdir = bdir if p == 0 else bdir / pname
+            pdir.mkdir(parents=True)
+            (pdir / "dev").write_text(f"{major}:{16 * n + p}\n")
+            (pdir / "size").write_text("524288\n")
+            (pdir / "holders").mkdir()
+            if p:
+                (pdir / "partition").write_text(f"{p}\n")
+            else:
+                _rel_link(self.sys / "block" / name, pdir)
+            _rel_link(self.sys / "class/block" / pname, pdir)
+            self.root.dev(pname).write_text("")
+            self.root.run("udev/data", f"b{major}:{16 * n + p}").write_text(
+                f"E:DEVNAME=/dev/{pname}\n")
+        self._save_state(state)
+
+    def add_netif(self, addr: str, name: str, *, up: bool = False, ipv4: tuple = (),
+                  ipv6: tuple = (), master: str | None = None, uppers: tuple = ()) -> None:
+        """A network interface of the PCI function: <pci>/net/<name>, /sys/class/net/<name>;
+        ipv4 addresses as the fake kernel's SIOCGIFCONF shows them, ipv6 (hex, scope)
+        in /proc/net/if_inet6."""
+        ndir = self.device_dir(addr) / "net" / name
+        ndir.mkdir(parents=True)
+        (ndir / "flags").write_text("0x1003\n" if up else "0x1002\n")
+        (ndir / "operstate").write_text("up\n" if up else "down\n")
+        _rel_link(self.sys / "class/net" / name, ndir)
+        for other in (master, *uppers):
+            if other and not (self.sys / "devices/virtual/net" / other).exists():
+                (self.sys / "devices/virtual/net" / other).mkdir(parents=True)
+                _rel_link(self.sys / "class/net" / other, self.sys / "devices/virtual/net" / other)
+        if master:
+            _rel_link(ndir / "master", self.sys / "devices/virtual/net" / master)
+        for upper in uppers:
+            _rel_link(ndir / f"upper_{upper}", self.sys / "devices/virtual/net" / upper)
+        path = self.fake / "ipv4.json"
+        table = json.loads(path.read_text()) if path.exists() else {}
+        if ipv4:
+            table[name] = list(ipv4)
+        path.write_text(json.dumps(table))
+        self.root.proc("net").mkdir(parents=True, exist_ok=True)
+        with open(self.root.proc("net/if_inet6"), "a") as f:
+            for hexaddr, scope in ipv6:
+                f.write(f"{hexaddr} 02 40 {scope:02x} 80 {name:>8}\n")
+
+    def multipath(self, addrs: list[str], subsys: int = 9, nsid: int = 1) -> str:
+        """One namespace shared by the NVMe controllers at `addrs` (bound to nvme, built
+        without namespaces) through native multipath: a head nvme<S>n<nsid> under
+        /sys/devices/virtual/nvme-subsystem/nvme-subsys<S>, a hidden path
+        nvme<S>c<C>n<nsid> under each controller, the controllers linked in the
+        subsystem. Returns the head's name."""
+        sub = self.sys / "devices/virtual/nvme-subsystem" / f"nvme-subsys{subsys}"
+        sub.mkdir(parents=True, exist_ok=True)
+        _rel_link(self.sys / "class/nvme-subsystem" / f"nvme-subsys{subsys}", sub)
+        head = f"nvme{subsys}n{nsid}"
+        state = self._state()
+        self._add_block(sub / head, head, state, {"serial": f"MP{subsys}"}, None)
+        self._save_state(state)
+        for addr in addrs:
+            (ctrl,) = os.listdir(self.device_dir(addr) / "nvme")
+            cdir = self.device_dir(addr) / "nvme" / ctrl
+            _rel_link(sub / ctrl, cdir)
+            (cdir / f"nvme{subsys}c{ctrl[4:]}n{nsid}").mkdir()
+        return head
+
 
 class FakeKernel(Kernel):
     """Performs writes on a FakeHost tree the way the kernel reacts to them."""
@@ -361,3 +441,7 @@ class FakeKernel(Kernel):
 
     def load_module(self, name: str) -> None:
         self.host.add_driver(name.replace("_", "-"))
+
+    def ipv4_addresses(self) -> dict[str, list[str]]:
+        path = self.host.fake / "ipv4.json"
+        return json.loads(path.read_text()) if path.exists() else {}

@@ -59,6 +59,7 @@ def test_iommu(node, cli):
 def test_check_matches_the_hook(node, cli, hook):
     two_nvme(node)
     node.add_pci(NIC, cls=NIC_CLASS, group=2)
+    node.add_netif(NIC, "eno1", up=True, master="vmbr0")  # the node's uplink
     vm_config(node, 100, f"hostpci0: {A}\n")
     vm_config(node, 101, f"hostpci0: {B}\n")
     code, out, err = cli("check", 100)
@@ -67,13 +68,14 @@ def test_check_matches_the_hook(node, cli, hook):
     assert "the hook would let VM 100 start" in out
     assert "pvehook register 100" in out
     code, out, err = cli("check", 101)
-    assert code == 10
-    assert "shared with devices the host uses" in out and f"{NIC}" in out
+    assert code == 11
+    assert f"{NIC} (e1000e, class 020000) is in IOMMU group 2" in out
+    assert "eno1 (up) is a port of vmbr0" in out
     assert node.driver_of(A) == "nvme" and node.driver_of(B) == "nvme"  # nothing changed
     assert not node.root.state_dir.exists()
-    assert hook(101, "pre-start")[0] == 10  # the same code as the hook
+    assert hook(101, "pre-start")[0] == 11  # the same code as the hook
     data = json.loads(cli("check", 101, "--json")[1])
-    assert data["exit_code"] == 10 and data["refusals"][0]["kind"] == "IommuError"
+    assert data["exit_code"] == 11 and data["refusals"][0]["kind"] == "InUseError"
 
 
 def test_check_disk_in_use_and_missing_vm(node, cli):

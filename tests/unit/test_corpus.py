@@ -177,6 +177,14 @@ def test_hostpci_matches_qemu_server(conf):
             assert (devs[0].get("multifunction") == "on") == (len(ours[key]) > 1), key
 
 
+@pytest.mark.parametrize("conf", HOSTPCI_CONFS, ids=lambda c: c.name)
+def test_qemu_server_rules_accept_what_qemu_server_starts(conf):
+    """pcie=1 with q35 (machine types of every form) and the rest: no false refusal."""
+    from pvehook.qemuserver import hostpci_errors
+
+    assert hostpci_errors(VmConfig.from_text(VMID, conf.read_text())) == []
+
+
 def test_hostpci_coverage():
     counted = [c.name for c in HOSTPCI_CONFS]
     print(f"\nhostpci: {len(counted)} corpus configs compared: {', '.join(counted)}")

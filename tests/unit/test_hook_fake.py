@@ -31,7 +31,7 @@ def record(host, vmid):
 
 def test_assign_and_give_back(host, hook):
     nvme(host)
-    host.vm_config(100, "memory: 2048\nhostpci0: 0000:01:00.0,pcie=1\n")
+    host.vm_config(100, "memory: 2048\nmachine: q35\nhostpci0: 0000:01:00.0,pcie=1\n")
     before = host.namespaces_of(A)
 
     code, out = hook(100, "pre-start")
@@ -109,7 +109,7 @@ def test_mapping_for_this_node(host, hook):
     host.root.pve("mapping").mkdir(parents=True)
     host.root.pve("mapping", "pci.cfg").write_text(
         "disk\n\tmap node=other,path=0000:01:00.0,id=1b36:0010\n"
-        "\tmap node=pve1,path=0000:02:00.0,id=1b36:0010\n")
+        "\tmap node=pve1,path=0000:02:00.0,id=1b36:0010,iommugroup=2\n")
     host.vm_config(100, "hostpci0: mapping=disk\n")
     code, out = hook(100, "pre-start")
     assert code == 0, out
@@ -207,12 +207,15 @@ def test_iommu_off(tmp_path, hook, ctx):
 
 def test_shared_group_refused_names_the_member(host, hook):
     host.add_pci("0000:00:1e.0", cls=BRIDGE_CLASS, group=7)
+    host.secondary_bus("0000:00:1e.0")
     nvme(host, group=7, parent="0000:00:1e.0")
     host.add_pci(NIC, cls=NIC_CLASS, group=7, parent="0000:00:1e.0")
+    host.add_netif(NIC, "enp3s0", up=True, ipv4=("192.0.2.10",))
     host.vm_config(100, f"hostpci0: {A}\n")
     code, out = hook(100, "pre-start")
-    assert code == 10
-    assert f"{NIC} (e1000e, class 020000)" in out
+    assert code == 11, out
+    assert f"{NIC} (e1000e, class 020000) is in IOMMU group 7 with hostpci0 ({A})" in out
+    assert "network interface enp3s0 (up) has the address 192.0.2.10" in out
     assert "VM 100 not started" in out
     assert host.driver_of(A) == "nvme" and host.driver_of(NIC) == "e1000e"
     assert len(host.namespaces_of(A)) == 3

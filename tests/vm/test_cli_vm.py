@@ -18,6 +18,9 @@ modprobe e1000; modprobe vfio-pci; udevadm settle
 A=$VM_BDF_A B=$VM_BDF_B
 printf 'hostpci0: %s\n' "$A" > /etc/pve/qemu-server/100.conf
 printf 'hostpci0: %s\n' "$B" > /etc/pve/qemu-server/101.conf
+# The NIC in B's group is the node's uplink: up, with an address.
+NIC_IF=$(for d in $(vm_group $B); do ls /sys/bus/pci/devices/$d/net 2>/dev/null; done)
+busybox ip link set "$NIC_IF" up && busybox ip addr add 192.0.2.9/24 dev "$NIC_IF"
 mount $(vm_nvme_disk A) /mnt 2>/dev/null || { mkfs.ext4 -q -F $(vm_nvme_disk A) && modprobe ext4 && mount $(vm_nvme_disk A) /mnt; }
 
 # What sysfs says, for the comparison.
@@ -88,7 +91,7 @@ def test_cli_reports_match_sysfs(vm_workdir):
     # check: the hook's exit codes, and nothing changed.
     out = res.output
     assert "rc_check100=11" in out  # its disk is mounted
-    assert "rc_check101=10" in out  # the NIC shares its group
+    assert "rc_check101=11" in out  # the uplink NIC shares its group
     check101 = (r / "check101.txt").read_text()
     assert f"{nic} (e1000, class 020000)" in check101
     assert f"driver_after_A={sysfs[a]['driver']}" in out and "driver_after_B=nvme" in out

@@ -57,7 +57,7 @@ S1=$VM_BDF_S1 S2=$VM_BDF_S2 S3=$VM_BDF_S3 S4=$VM_BDF_S4
 # Assign and give back, with a nested QEMU opening the device through VFIO in between.
 write_marker S1 "marker-S1-$$"
 fact marker_written "marker-S1-$$"
-conf 100 "memory: 1024\nhostpci0: ${S1#0000:},pcie=1\nscsihw: virtio-scsi-pci"
+conf 100 "memory: 1024\nmachine: q35\nhostpci0: ${S1#0000:},pcie=1\nscsihw: virtio-scsi-pci"
 run_hook pre 100 pre-start
 fact drv_after_pre "$(vm_driver $S1)"
 fact override_after_pre "$(override $S1)"
@@ -78,9 +78,12 @@ run_hook post_again 100 post-stop
 fact drv_after_post_again "$(vm_driver $S1)"
 fact record_left "$(ls /run/pvehook 2>/dev/null | wc -l)"
 
-# A shared IOMMU group: the NIC next to the NVMe is bound to e1000.
+# A shared IOMMU group: the NIC next to the NVMe is bound to e1000 and is the node's
+# uplink (up, with an address); qemu-server would bind it with the NVMe's group.
 modprobe e1000
 udevadm settle
+NIC_IF=$(ls /sys/bus/pci/devices/$VM_NIC/net)
+busybox ip link set "$NIC_IF" up && busybox ip addr add 192.0.2.9/24 dev "$NIC_IF"
 write_marker S3 "marker-S3"
 conf 101 "hostpci0: $S3"
 run_hook shared 101 pre-start
@@ -89,8 +92,11 @@ fact shared_nic_driver "$(vm_driver $VM_NIC)"
 fact shared_marker "$(read_marker S3)"
 
 # mapping= through /etc/pve/mapping/pci.cfg, for this node's name.
-printf 'disk4\n\tmap node=other,path=%s,id=1b36:0010\n\tmap node=%s,path=%s,id=1b36:0010\n' \
-    "$S1" "$(uname -n)" "$S4" > /etc/pve/mapping/pci.cfg
+# The map line as Proxmox writes it: what assert_valid compares with the device.
+sub() { sed 's/^0x//' /sys/bus/pci/devices/$1/subsystem_$2; }
+printf 'disk4\n\tmap node=other,path=%s,id=1b36:0010\n\tmap node=%s,path=%s,id=1b36:0010,iommugroup=%s,subsystem-id=%s:%s\n' \
+    "$S1" "$(uname -n)" "$S4" "$(basename $(readlink /sys/bus/pci/devices/$S4/iommu_group))" \
+    "$(sub $S4 vendor)" "$(sub $S4 device)" > /etc/pve/mapping/pci.cfg
 conf 102 "hostpci0: mapping=disk4"
 run_hook map_pre 102 pre-start
 fact map_driver "$(vm_driver $S4)"
@@ -139,8 +145,9 @@ def test_lifecycle_twins_shared_group_mapping(vm_workdir):
     assert f["record_left"] == "0"
 
     shared = log(res, "shared")
-    assert f["rc_shared"] == "10", shared
-    assert f"{s3}: IOMMU group" in shared and f"{nic} (e1000, class 020000)" in shared
+    assert f["rc_shared"] == "11", shared
+    assert f"{nic} (e1000, class 020000) is in IOMMU group" in shared
+    assert "has the address 192.0.2.9" in shared
     assert f["shared_driver"] == "nvme" and f["shared_nic_driver"] == "e1000"
     assert f["shared_marker"] == "marker-S3"
     assert "-> vfio-pci" not in shared
