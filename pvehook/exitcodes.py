@@ -30,10 +30,13 @@ IMAGE_HEADER = 17
 TABLE = (
     (OK, "done, or nothing to do",
      "done; `doctor`: the node is ready; `check`: the hook would start the VM"),
-    (ERROR, "the VM config is missing or unreadable/malformed, or an unexpected error",
+    (ERROR, "the VM config is missing or unreadable/malformed, qemu-server would refuse it"
+            " (`pcie=1` without q35, legacy-igd rules, a `hostpciN` it would drop), or an"
+            " unexpected error",
      "error: a Proxmox API error, an unreadable or malformed config"),
     (USAGE, "usage: missing arguments or a malformed vmid", "bad usage"),
-    (NO_DEVICE, "a `hostpci` id or mapping names no device on this node",
+    (NO_DEVICE, "a `hostpci` id or mapping names no device on this node, or a mapping does"
+                " not match the device at its path (hardware changed)",
      "`check`: a `hostpci` id or mapping names no device on this node"),
     (NOT_ROOT, None, "not root"),
     (NOT_PROXMOX, None,
@@ -44,12 +47,16 @@ TABLE = (
      " import-raw: not lvm/lvmthin, without `images`, not on this node"),
     (HOOKSCRIPT_CONFLICT, None, "the VM already has another hookscript (use `--force`)"),
     (NOT_READY, None, "`doctor`: the node is not ready"),
-    (IOMMU, "IOMMU off, no IOMMU group, or the group is shared with devices the host uses",
-     "`check`: the hook would refuse: IOMMU off, no group, or a group shared with the host"),
-    (IN_USE, "the host uses the disk (mounted, swap, held, opened exclusively, system disk)",
+    (IOMMU, "IOMMU off, or a device without an IOMMU group",
+     "`check`: the hook would refuse: IOMMU off, or a device without an IOMMU group"),
+    (IN_USE, "the host uses the disk (mounted, swap, held, opened exclusively, system disk),"
+             " a disk or configured network interface on a device the VM's IOMMU groups take,"
+             " an NVMe controller on another host driver, or a multipath namespace through a"
+             " controller that stays",
      "`check`: the hook would refuse: the host uses the disk; import-raw: the host uses"
      " the source disk"),
-    (HELD, "another running VM holds the device (or another pvehook run has it locked)",
+    (HELD, "another running VM holds the device or a member of its IOMMU group (or another"
+           " pvehook run has it locked)",
      "`check`: the hook would refuse: another running VM holds the device, or it is locked"),
     (BIND, "a driver did not release or take a device, or not within its deadline;"
            " every device was given back",
