@@ -77,7 +77,7 @@ def resolve(ctx: Context, config: VmConfig, plan: Plan) -> tuple[list[PciDevice]
 
 
 def check_device(ctx: Context, dev: PciDevice, passed: set[PciAddress], holds: Holds,
-                 plan: Plan) -> None:
+                 plan: Plan, openers=None) -> None:
     """Append the device's refusals, or its step, to the plan."""
     addr = dev.address
     refused = len(plan.refusals)
@@ -107,7 +107,7 @@ def check_device(ctx: Context, dev: PciDevice, passed: set[PciAddress], holds: H
     driver = dev.driver
     disks = namespaces(dev) if driver else []
     if disks:
-        use = host_use(ctx.root, ctx.kernel, disks)
+        use = host_use(ctx.root, ctx.kernel, disks, openers)
         if use.in_use:
             plan.refusals.append(InUseError(
                 f"{addr}: the host uses this disk: " + "; ".join(use.reasons),
@@ -136,9 +136,12 @@ def check_device(ctx: Context, dev: PciDevice, passed: set[PciAddress], holds: H
 
 def check(ctx: Context, plan: Plan, managed: list[PciDevice], passed: set[PciAddress]) -> None:
     """Check every managed device; all are checked before anything changes."""
+    from .openers import Openers
+
     holds = Holds(ctx.root, ctx.journal, plan.vmid)
+    openers = Openers(ctx.root)  # one /proc scan for every device of the VM
     for dev in managed:
-        check_device(ctx, dev, passed, holds, plan)
+        check_device(ctx, dev, passed, holds, plan, openers)
 
 
 def prepare(ctx: Context, vmid: int) -> tuple[Plan, list[PciDevice], set[PciAddress]]:

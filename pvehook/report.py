@@ -18,6 +18,7 @@ from .context import Context, node_name
 from .errors import ConfigError, PvehookError
 from .holds import Holds, vm_running
 from .mapping import load_pci_mappings
+from .openers import Openers
 from .paths import Root
 from .pci import PciAddress, PciDevice
 from .pve import DIR_TYPES, HOOK_PATH, SNIPPET_NAME, is_ours
@@ -204,6 +205,7 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
     root = ctx.root
     naming = vms_naming(ctx)
     holds = Holds(root, ctx.journal, -1)
+    openers = Openers(root)  # one /proc scan for every namespace
     if vmid is not None:
         VmConfig.load(root, vmid)  # a clear error when the VM is not on this node
     out = []
@@ -223,7 +225,7 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
                 size = _read(disk.sys_path / "size")
                 ns["size_bytes"] = int(size) * 512 if size and size.isdigit() else None
                 try:
-                    use = host_use(root, ctx.kernel, [disk])
+                    use = host_use(root, ctx.kernel, [disk], openers)
                     ns["host_use"], ns["notes"] = use.reasons, use.notes
                 except OSError as e:
                     if isinstance(e, PermissionError):

@@ -1,0 +1,235 @@
+"""Who has a block device open: every process's open files, read as fuser reads them.
+
+QEMU opens a disk given by path (`scsi1: /dev/nvme0n1`) without O_EXCL, so the
+exclusive-open probe cannot see it; only /proc/<pid>/fd can. The hook runs at every VM
+start, so one `Openers` scans /proc once, lazily, for every disk of the run, and keeps
+only what can be a block device:
+
+- a link "/dev/<name>" with the name of a block device in /sys/class/block is that device
+  (devtmpfs names its nodes after the kernel's devices; /dev/mapper and /dev/disk/by-id
+  names are symlinks, which the kernel's link already resolved): no stat;
+- another link under /dev/ (a node made by hand, a container's /dev, a deleted node) is
+  stat'ed and kept when it is a block device; the kernel's character devices and the
+  filesystems mounted under /dev (/dev/shm, /dev/pts...) are skipped by name;
+- everything else (files, sockets, pipes, anon inodes) is skipped. A block device node
+  outside /dev is not seen.
+
+VM configs that name a disk by path (qemu-server opens it at start) are read here too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections import namedtuple
+
+from .paths import Root
+
+# Character devices the kernel names, and filesystems mounted under /dev: never a disk.
+_SKIP = frozenset((
+    "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/ptmx",
+    "/dev/console", "/dev/kmsg", "/dev/kvm", "/dev/fuse", "/dev/net/tun", "/dev/rfkill",
+    "/dev/vhost-net", "/dev/vhost-vsock", "/dev/autofs", "/dev/rtc0",
+))
+_SKIP_PREFIXES = ("/dev/pts/", "/dev/shm/", "/dev/mqueue/", "/dev/hugepages/", "/dev/tty",
+                  "/dev/vfio/", "/dev/dri/", "/dev/input/", "/dev/snd/", "/dev/watchdog",
+                  "/dev/hidraw", "/dev/nvme-fabrics", "/dev/ng")
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_ID_RE = re.compile(r"^\d+$")
+
+
+class Process(namedtuple("Process", "pid comm vmid")):
+    """`vmid`: the VM whose QEMU this is, else None."""
+
+    __slots__ = ()
+
+    def describe(self) -> str:
+        if self.vmid is not None:
+            return f"pid {self.pid} ({self.comm}), the QEMU of running VM {self.vmid}"
+        return f"pid {self.pid} ({self.comm})"
+
+
+class ConfigDisk(namedtuple("ConfigDisk", "vmid key path running")):
+    __slots__ = ()
+
+
+class Openers:
+    """One run's view of who has which block device open. Scans on first use."""
+
+    def __init__(self, root: Root):
+        self.root = root
+        self._by_name: dict[str, set[int]] | None = None
+        self._by_devnum: dict[str, set[int]] = {}
+        self.unreadable = 0  # processes whose fds we may not read (not root)
+        self._qemu_pids: dict[int, int] | None = None
+        self._configs: list[tuple[int, str, str]] | None = None
+
+    # -- /proc ------------------------------------------------------------------------
+    def _scan(self) -> None:
+        try:
+            blocks = set(os.listdir(self.root.sys("class", "block")))
+        except FileNotFoundError:
+            blocks = set()
+        by_name: dict[str, set[int]] = {}
+        by_devnum: dict[str, set[int]] = {}
+        me = str(os.getpid())
+        readlink = os.readlink
+        try:
+            proc = os.open(self.root.proc(), _DIR)
+        except FileNotFoundError:
+            self._by_name = by_name
+            return
+        try:
+            for entry in os.listdir(proc):
+                if not entry.isdigit() or entry == me:
+                    continue
+                try:
+                    fd_dir = os.open(f"{entry}/fd", _DIR, dir_fd=proc)
+                except PermissionError:
+                    self.unreadable += 1
+                    continue
+                except OSError:  # gone meanwhile
+                    continue
+                try:
+                    fds = os.listdir(fd_dir)
+                    for fd in fds:
+                        try:
+                            link = readlink(fd, dir_fd=fd_dir)
+                        except OSError:
+                            continue
+                        if not link.startswith("/dev/"):
+                            continue
+                        if link[5:] in blocks:
+                            by_name.setdefault(link[5:], set()).add(int(entry))
+                        elif link in _SKIP or link.startswith(_SKIP_PREFIXES):
+                            continue
+                        else:
+                            try:
+                                st = os.stat(fd, dir_fd=fd_dir)  # the open file itself
+                            except OSError:
+                                continue
+                            if stat.S_ISBLK(st.st_mode):
+                                num = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+                                by_devnum.setdefault(num, set()).add(int(entry))
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd_dir)
+        finally:
+            os.close(proc)
+        self._by_name, self._by_devnum = by_name, by_devnum
+
+    def pids(self, name: str, devnum: str | None) -> set[int]:
+        """Processes holding the block device `name` (kernel name) open."""
+        if self._by_name is None:
+            self._scan()
+        assert self._by_name is not None
+        found = set(self._by_name.get(name, ()))
+        if devnum is not None:
+            found |= self._by_devnum.get(devnum, set())
+        return found
+
+    def process(self, pid: int) -> Process:
+        try:
+            comm = self.root.proc(str(pid), "comm").read_text().strip()
+        except OSError:
+            comm = "?"
+        return Process(pid, comm, self.vmid_of(pid))
+
+    # -- QEMU of Proxmox VMs ----------------------------------------------------------
+    def _pidfiles(self) -> dict[int, int]:
+        """pid -> vmid from qemu-server's pid files (/run/qemu-server/<vmid>.pid)."""
+        if self._qemu_pids is None:
+            self._qemu_pids = {}
+            try:
+                names = os.listdir(self.root.run("qemu-server"))
+            except OSError:
+                names = []
+            for n in names:
+                vmid, _, ext = n.partition(".")
+                if ext != "pid" or not _ID_RE.match(vmid):
+                    continue
+                try:
+                    pid = int(self.root.run("qemu-server", n).read_text().strip())
+                except (OSError, ValueError):
+                    continue
+                self._qemu_pids[pid] = int(vmid)
+        return self._qemu_pids
+
+    def vmid_of(self, pid: int) -> int | None:
+        """The VM whose QEMU `pid` is: its pid file, else `-id <vmid>` on its command line
+        (qemu-server's config_to_command puts it right after the binary)."""
+        if pid in self._pidfiles():
+            return self._pidfiles()[pid]
+        try:
+            args = self.root.proc(str(pid), "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        for flag, value in zip(args, args[1:]):
+            if flag == b"-id" and value.isdigit():
+                return int(value)
+        return None
+
+    def running(self, vmid: int) -> bool:
+        from .holds import vm_running
+
+        return vm_running(self.root, vmid)
+
+    # -- VM configs that name a disk by path --------------------------------------------
+    def _config_paths(self) -> list[tuple[int, str, str]]:
+        """(vmid, key, /dev path) for every disk given by device path in the main section
+        of this node's VM configs."""
+        if self._configs is None:
+            from .vmconfig import DISK_KEYS, Disk
+
+            keys = set(DISK_KEYS)
+            self._configs = []
+            d = self.root.pve("qemu-server")
+            try:
+                names = sorted(os.listdir(d))
+            except OSError:
+                names = []
+            for n in names:
+                vmid, _, ext = n.partition(".")
+                if ext != "conf" or not _ID_RE.match(vmid):
+                    continue
+                try:
+                    text = (d / n).read_text(errors="replace")
+                except OSError:
+                    continue
+                for line in text.split("\n"):
+                    if line.startswith("["):
+                        break  # only the main section is what a start uses
+                    key, sep, value = line.partition(":")
+                    if not sep or key not in keys or "/dev/" not in value:
+                        continue
+                    try:
+                        disk = Disk.parse(key, value.strip())
+                    except Exception:  # a malformed line: qemu-server would refuse it
+                        continue
+                    if disk.is_device_path:
+                        self._configs.append((int(vmid), key, disk.volume))
+        return self._configs
+
+    def _resolve(self, path: str) -> tuple[str | None, str | None]:
+        """(kernel name, devnum) of a /dev path, through the root."""
+        p = self.root.dev(*[x for x in path[5:].split("/") if x])
+        real = os.path.realpath(p)
+        name = os.path.basename(real) if os.path.dirname(real) == os.path.realpath(
+            self.root.dev()) else None
+        try:
+            st = os.stat(real)
+        except OSError:
+            return name, None
+        if stat.S_ISBLK(st.st_mode):
+            return name, f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        return name, None
+
+    def configs_naming(self, name: str, devnum: str | None) -> list[ConfigDisk]:
+        out = []
+        for vmid, key, path in self._config_paths():
+            n, num = self._resolve(path)
+            if n == name or (num is not None and num == devnum):
+                out.append(ConfigDisk(vmid, key, path, self.running(vmid)))
+        return out
