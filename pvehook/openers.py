@@ -39,6 +39,18 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _ID_RE = re.compile(r"^\d+$")
 
 
+def _blockdev(fd: str, fd_dir: int) -> str | None:
+    """major:minor of the open file when it is a block device (stat of the fd: the open
+    file itself, whatever its path now names)."""
+    try:
+        st = os.stat(fd, dir_fd=fd_dir)
+    except OSError:
+        return None
+    if stat.S_ISBLK(st.st_mode):
+        return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return None
+
+
 class Process(namedtuple("Process", "pid comm vmid")):
     """`vmid`: the VM whose QEMU this is, else None."""
 
@@ -73,6 +85,7 @@ class Openers:
             blocks = set()
         by_name: dict[str, set[int]] = {}
         by_devnum: dict[str, set[int]] = {}
+        seen: dict[tuple[str, str], str | None] = {}  # (mount ns, path) -> devnum
         me = str(os.getpid())
         readlink = os.readlink
         try:
@@ -91,6 +104,7 @@ class Openers:
                     continue
                 except OSError:  # gone meanwhile
                     continue
+                mntns = None
                 try:
                     fds = os.listdir(fd_dir)
                     for fd in fds:
@@ -102,16 +116,21 @@ class Openers:
                             continue
                         if link[5:] in blocks:
                             by_name.setdefault(link[5:], set()).add(int(entry))
-                        elif link in _SKIP or link.startswith(_SKIP_PREFIXES):
                             continue
-                        else:
+                        if link in _SKIP or link.startswith(_SKIP_PREFIXES):
+                            continue
+                        # One path names one file within a mount namespace (a replaced
+                        # node reads "... (deleted)"): stat each path once per namespace.
+                        if mntns is None:
                             try:
-                                st = os.stat(fd, dir_fd=fd_dir)  # the open file itself
+                                mntns = readlink(f"{entry}/ns/mnt", dir_fd=proc)
                             except OSError:
-                                continue
-                            if stat.S_ISBLK(st.st_mode):
-                                num = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-                                by_devnum.setdefault(num, set()).add(int(entry))
+                                mntns = entry  # unknown: this process alone
+                        key = (mntns, link)
+                        if key not in seen:
+                            seen[key] = _blockdev(fd, fd_dir)
+                        if seen[key] is not None:
+                            by_devnum.setdefault(seen[key], set()).add(int(entry))
                 except OSError:
                     pass
                 finally:
