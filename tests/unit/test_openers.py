@@ -129,3 +129,17 @@ def test_status_shows_the_opener(host, ctx):
     [ns] = item["namespaces"]
     assert ns["host_use"] == ["nvme0n1 is open by pid 4242 (kvm), the QEMU of running VM 300:"
                               " stop VM 300 or remove the disk from it first"]
+
+
+def test_every_controller_of_the_vm_is_checked_against_one_scan(host, hook):
+    B = "0000:02:00.0"
+    nvme(host)
+    nvme(host, B, group=2, partitions=0)
+    host.vm_config(101, f"hostpci0: {A}\nhostpci1: {B}\n")
+    host.open_file(4242, "/dev/nvme0n1p1", comm="kvm", cmdline=["kvm", "-id", "300"])
+    host.open_file(555, "/dev/nvme1n1", comm="dd")
+    code, out = hook(101, "pre-start")
+    assert code == 11, out
+    assert f"{A}: the host uses this disk: nvme0n1p1 is open by pid 4242 (kvm)" in out
+    assert f"{B}: the host uses this disk: nvme1n1 is open by pid 555 (dd)" in out
+    assert host.driver_of(A) == host.driver_of(B) == "nvme"
