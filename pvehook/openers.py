@@ -51,14 +51,17 @@ def _blockdev(fd: str, fd_dir: int) -> str | None:
     return None
 
 
-class Process(namedtuple("Process", "pid comm vmid")):
-    """`vmid`: the VM whose QEMU this is, else None."""
+class Process(namedtuple("Process", "pid comm vmid qemu_name", defaults=(None,))):
+    """`vmid`: the VM whose QEMU this is, else None; `qemu_name`: the -name of a QEMU
+    that no VM owns."""
 
     __slots__ = ()
 
     def describe(self) -> str:
         if self.vmid is not None:
             return f"pid {self.pid} ({self.comm}), the QEMU of running VM {self.vmid}"
+        if self.qemu_name is not None:
+            return f"pid {self.pid} ({self.comm}), a QEMU named {self.qemu_name!r}"
         return f"pid {self.pid} ({self.comm})"
 
 
@@ -154,7 +157,8 @@ class Openers:
             comm = self.root.proc(str(pid), "comm").read_text().strip()
         except OSError:
             comm = "?"
-        return Process(pid, comm, self.vmid_of(pid))
+        vmid = self.vmid_of(pid)
+        return Process(pid, comm, vmid, None if vmid is not None else self._qemu_name(pid))
 
     # -- QEMU of Proxmox VMs ----------------------------------------------------------
     def _pidfiles(self) -> dict[int, int]:
@@ -188,6 +192,18 @@ class Openers:
         for flag, value in zip(args, args[1:]):
             if flag == b"-id" and value.isdigit():
                 return int(value)
+        return None
+
+    def _qemu_name(self, pid: int) -> str | None:
+        """`-name <name>[,opts]` of a QEMU started without qemu-server."""
+        try:
+            args = self.root.proc(str(pid), "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        for flag, value in zip(args, args[1:]):
+            if flag in (b"-name", b"--name"):
+                name = value.decode(errors="replace").split(",")[0]
+                return name[len("guest="):] if name.startswith("guest=") else name
         return None
 
     def running(self, vmid: int) -> bool:

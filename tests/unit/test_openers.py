@@ -143,3 +143,15 @@ def test_every_controller_of_the_vm_is_checked_against_one_scan(host, hook):
     assert f"{A}: the host uses this disk: nvme0n1p1 is open by pid 4242 (kvm)" in out
     assert f"{B}: the host uses this disk: nvme1n1 is open by pid 555 (dd)" in out
     assert host.driver_of(A) == host.driver_of(B) == "nvme"
+
+
+def test_a_qemu_of_no_vm_is_named_by_its_name(host, hook):
+    nvme(host)
+    host.vm_config(101, f"hostpci0: {A}\n")
+    host.open_file(77, "/dev/nvme0n1", comm="qemu-system-x86",
+                   cmdline=["qemu-system-x86_64", "-name", "guest=guest7,debug-threads=on",
+                            "-drive", "file=/dev/nvme0n1,format=raw"])
+    code, out = hook(101, "pre-start")
+    assert code == 11, out
+    assert "nvme0n1 is open by pid 77 (qemu-system-x86), a QEMU named 'guest7'" in out
+    unchanged(host)
