@@ -35,3 +35,14 @@ def test_refuses_a_disk_open_by_a_running_vm(cluster, cli):
     assert code == 0, err
     assert ("warning: VM 300 (not running) has nvme0n1 by path in its config"
             " (scsi1: /dev/nvme0n1)") in out + err
+
+
+def test_status_names_the_opener_and_the_config(node, cli):
+    node.add_pci(A, group=1, serial="SA", namespaces=[FakeNamespace(partitions=1)])
+    node.vm_config(300, "memory: 512\nscsi1: /dev/nvme0n1p1\n")
+    node.open_file(555, "/dev/nvme0n1", comm="dd")
+    code, out, err = cli("status")
+    assert code == 0, err
+    assert "  nvme0n1 (256.0 MiB): nvme0n1 is open by pid 555 (dd)\n" in out
+    assert ("    warning: VM 300 (not running) has nvme0n1p1 by path in its config"
+            " (scsi1: /dev/nvme0n1p1)") in out
