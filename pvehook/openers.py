@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import time
 from collections import namedtuple
 
 from .paths import Root
@@ -35,6 +36,11 @@ _SKIP = frozenset((
 _SKIP_PREFIXES = ("/dev/pts/", "/dev/shm/", "/dev/mqueue/", "/dev/hugepages/", "/dev/tty",
                   "/dev/vfio/", "/dev/dri/", "/dev/input/", "/dev/snd/", "/dev/watchdog",
                   "/dev/hidraw", "/dev/nvme-fabrics", "/dev/ng")
+# A process that closes the disk within this many seconds of the scan (udev's blkid, an
+# LVM label scan by pvestatd's `lvs`) only looked at it: it does not make the disk "in
+# use". One deadline for the whole run; only a run that found an opener waits.
+GRACE_S = 1.0
+_POLL_S = 0.05
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _ID_RE = re.compile(r"^\d+$")
 
@@ -72,8 +78,11 @@ class ConfigDisk(namedtuple("ConfigDisk", "vmid key path running")):
 class Openers:
     """One run's view of who has which block device open. Scans on first use."""
 
-    def __init__(self, root: Root):
+    def __init__(self, root: Root, grace: float = GRACE_S, sleep=time.sleep):
         self.root = root
+        self.grace = grace
+        self._sleep = sleep
+        self._deadline: float | None = None
         self._by_name: dict[str, set[int]] | None = None
         self._by_devnum: dict[str, set[int]] = {}
         self.unreadable = 0  # processes whose fds we may not read (not root)
@@ -150,7 +159,39 @@ class Openers:
         found = set(self._by_name.get(name, ()))
         if devnum is not None:
             found |= self._by_devnum.get(devnum, set())
-        return found
+        if not found:
+            return found
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.grace
+        while True:
+            found = {pid for pid in found if self._holds(pid, name, devnum)}
+            if not found or time.monotonic() >= self._deadline:
+                return found
+            self._sleep(_POLL_S)
+
+    def _holds(self, pid: int, name: str, devnum: str | None) -> bool:
+        """Does `pid` still have the device open? (the scan's test, for one process)"""
+        try:
+            fd_dir = os.open(self.root.proc(str(pid), "fd"), _DIR)
+        except OSError:
+            return False  # exited
+        try:
+            for fd in os.listdir(fd_dir):
+                try:
+                    link = os.readlink(fd, dir_fd=fd_dir)
+                except OSError:
+                    continue
+                if link == f"/dev/{name}":
+                    return True
+                if (devnum is not None and link.startswith("/dev/") and link not in _SKIP
+                        and not link.startswith(_SKIP_PREFIXES)
+                        and _blockdev(fd, fd_dir) == devnum):
+                    return True
+            return False
+        except OSError:
+            return False
+        finally:
+            os.close(fd_dir)
 
     def process(self, pid: int) -> Process:
         try:

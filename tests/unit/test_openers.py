@@ -155,3 +155,30 @@ def test_a_qemu_of_no_vm_is_named_by_its_name(host, hook):
     assert code == 11, out
     assert "nvme0n1 is open by pid 77 (qemu-system-x86), a QEMU named 'guest7'" in out
     unchanged(host)
+
+
+def test_a_reader_that_closes_within_the_grace_is_not_a_holder(host, ctx):
+    """udev's blkid or an LVM label scan opens a disk for milliseconds."""
+    from pvehook.block import BlockDevice
+    from pvehook.openers import Openers
+    from pvehook.usage import host_use
+
+    nvme(host)
+    disk = BlockDevice.by_name(host.root, "nvme0n1")
+    host.open_file(31, "/dev/nvme0n1", comm="(udev-worker)")
+    host.open_file(32, "/dev/nvme0n1p1", comm="vgs")
+    waits = []
+
+    def sleep(s):  # the scan waits; meanwhile both readers are done
+        waits.append(s)
+        host.exit_process(31)
+        host.exit_process(32)
+
+    use = host_use(host.root, ctx.kernel, [disk], Openers(host.root, grace=60, sleep=sleep))
+    assert use.reasons == []
+    assert waits  # it did find them first
+
+    # A holder that stays is refused once the grace is over.
+    host.open_file(33, "/dev/nvme0n1p2", comm="dd")
+    use = host_use(host.root, ctx.kernel, [disk], Openers(host.root, grace=0.2))
+    assert use.reasons == ["nvme0n1p2 is open by pid 33 (dd)"]
