@@ -73,9 +73,12 @@ def holders(n: int, fds: int, where: Path) -> list[subprocess.Popen]:
 
 
 def link_proc(tree: Path, pids: list[int]) -> None:
-    """tree/proc/<pid> -> /proc/<pid> for each pid; self/mountinfo and swaps stay fake."""
+    """tree/proc/<pid> -> /proc/<pid> for each pid; self/mountinfo and swaps stay fake,
+    self/ns/mnt reads as the real one (the processes are in the hook's mount namespace)."""
     for pid in pids:
         (tree / "proc" / str(pid)).symlink_to(f"/proc/{pid}")
+    (tree / "proc/self/ns").mkdir()
+    (tree / "proc/self/ns/mnt").symlink_to(os.readlink("/proc/self/ns/mnt"))
 
 
 def count_fds(pids: list[int]) -> int:

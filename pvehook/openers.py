@@ -5,14 +5,18 @@ exclusive-open probe cannot see it; only /proc/<pid>/fd can. The hook runs at ev
 start, so one `Openers` scans /proc once, lazily, for every disk of the run, and keeps
 only what can be a block device:
 
-- a link "/dev/<name>" with the name of a block device in /sys/class/block is that device
-  (devtmpfs names its nodes after the kernel's devices; /dev/mapper and /dev/disk/by-id
-  names are symlinks, which the kernel's link already resolved): no stat;
-- another link under /dev/ (a node made by hand, a container's /dev, a deleted node) is
-  stat'ed and kept when it is a block device; the kernel's character devices and the
-  filesystems mounted under /dev (/dev/shm, /dev/pts...) are skipped by name;
-- everything else (files, sockets, pipes, anon inodes) is skipped. A block device node
-  outside /dev is not seen.
+- sockets, pipes, anon inodes, the kernel's character devices and the filesystems
+  mounted under /dev (/dev/shm, /dev/pts...) are skipped by name;
+- in our mount namespace, a path outside /dev is skipped (block device nodes live in
+  /dev), and "/dev/<name>" with the name of a block device in /sys/class/block is that
+  device (devtmpfs names its nodes after the kernel's devices; /dev/mapper and
+  /dev/disk/by-id names are symlinks the kernel's link already resolved);
+- any other path (a node made by hand, a deleted node, every path of a process in
+  another mount namespace: a container) is stat'ed (the open file itself), once per
+  path and mount namespace, and kept when it is a block device. A block device node
+  made outside /dev in our own namespace is not seen.
+
+An opener that closes within GRACE_S (udev's blkid, an LVM label scan) is not a holder.
 
 VM configs that name a disk by path (qemu-server opens it at start) are read here too.
 """
@@ -42,7 +46,7 @@ _SKIP_PREFIXES = ("/dev/pts/", "/dev/shm/", "/dev/mqueue/", "/dev/hugepages/", "
 GRACE_S = 1.0
 _POLL_S = 0.05
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_ID_RE = re.compile(r"^\d+$")
+_ID_RE = re.compile(r"^[0-9]+$")
 
 
 def _blockdev(fd: str, fd_dir: int) -> str | None:
@@ -85,6 +89,9 @@ class Openers:
         self._deadline: float | None = None
         self._by_name: dict[str, set[int]] | None = None
         self._by_devnum: dict[str, set[int]] = {}
+        self._blocks: set[str] = set()
+        self._my_ns: str | None = None
+        self._seen: dict[tuple[str, str], str | None] = {}  # (mount ns, path) -> devnum
         self.unreadable = 0  # processes whose fds we may not read (not root)
         self._qemu_pids: dict[int, int] | None = None
         self._configs: list[tuple[int, str, str]] | None = None
@@ -92,14 +99,16 @@ class Openers:
     # -- /proc ------------------------------------------------------------------------
     def _scan(self) -> None:
         try:
-            blocks = set(os.listdir(self.root.sys("class", "block")))
+            self._blocks = set(os.listdir(self.root.sys("class", "block")))
         except FileNotFoundError:
-            blocks = set()
+            self._blocks = set()
+        try:
+            self._my_ns = os.readlink(self.root.proc("self", "ns", "mnt"))
+        except OSError:
+            self._my_ns = None
         by_name: dict[str, set[int]] = {}
         by_devnum: dict[str, set[int]] = {}
-        seen: dict[tuple[str, str], str | None] = {}  # (mount ns, path) -> devnum
         me = str(os.getpid())
-        readlink = os.readlink
         try:
             proc = os.open(self.root.proc(), _DIR)
         except FileNotFoundError:
@@ -109,50 +118,71 @@ class Openers:
             for entry in os.listdir(proc):
                 if not entry.isdigit() or entry == me:
                     continue
-                try:
-                    fd_dir = os.open(f"{entry}/fd", _DIR, dir_fd=proc)
-                except PermissionError:
+                found = self._open_blocks(proc, entry)
+                if found is None:
                     self.unreadable += 1
                     continue
-                except OSError:  # gone meanwhile
-                    continue
-                mntns = None
-                try:
-                    fds = os.listdir(fd_dir)
-                    for fd in fds:
-                        try:
-                            link = readlink(fd, dir_fd=fd_dir)
-                        except OSError:
-                            continue
-                        if not link.startswith("/dev/"):
-                            continue
-                        if link[5:] in blocks:
-                            by_name.setdefault(link[5:], set()).add(int(entry))
-                            continue
-                        if link in _SKIP or link.startswith(_SKIP_PREFIXES):
-                            continue
-                        # One path names one file within a mount namespace (a replaced
-                        # node reads "... (deleted)"): stat each path once per namespace.
-                        if mntns is None:
-                            try:
-                                mntns = readlink(f"{entry}/ns/mnt", dir_fd=proc)
-                            except OSError:
-                                mntns = entry  # unknown: this process alone
-                        key = (mntns, link)
-                        if key not in seen:
-                            seen[key] = _blockdev(fd, fd_dir)
-                        if seen[key] is not None:
-                            by_devnum.setdefault(seen[key], set()).add(int(entry))
-                except OSError:
-                    pass
-                finally:
-                    os.close(fd_dir)
+                for name in found[0]:
+                    by_name.setdefault(name, set()).add(int(entry))
+                for num in found[1]:
+                    by_devnum.setdefault(num, set()).add(int(entry))
         finally:
             os.close(proc)
         self._by_name, self._by_devnum = by_name, by_devnum
 
+    def _open_blocks(self, proc: int, entry: str) -> tuple[list[str], list[str]] | None:
+        """(kernel names, major:minor) of the block devices process `entry` has open;
+        None when its open files may not be read (not root)."""
+        try:
+            fd_dir = os.open(f"{entry}/fd", _DIR, dir_fd=proc)
+        except PermissionError:
+            return None
+        except OSError:  # gone meanwhile
+            return [], []
+        names: list[str] = []
+        nums: list[str] = []
+        ns: str | None | bool = False  # its mount namespace, read on first need
+        readlink = os.readlink
+        try:
+            for fd in os.listdir(fd_dir):
+                try:
+                    link = readlink(fd, dir_fd=fd_dir)
+                except OSError:
+                    continue
+                if link[:1] != "/" or link in _SKIP or link.startswith(_SKIP_PREFIXES):
+                    continue  # sockets, pipes, anon inodes; character devices
+                if ns is False:
+                    try:
+                        ns = readlink(f"{entry}/ns/mnt", dir_fd=proc)
+                    except OSError:
+                        ns = None
+                if ns == self._my_ns:
+                    # Our mount namespace: block device nodes live in /dev, devtmpfs
+                    # names them after the kernel's devices.
+                    if not link.startswith("/dev/"):
+                        continue
+                    if link[5:] in self._blocks:
+                        names.append(link[5:])
+                        continue
+                # Another mount namespace (a container, a service with a private /dev)
+                # shows paths of its own: /dev/sdb there, or /newroot/dev/x, may be our
+                # nvme0n1. Only st_rdev tells.
+                # One path names one file within a mount namespace (a replaced node reads
+                # "... (deleted)"): stat each path once per namespace.
+                key = (ns or entry, link)
+                if key not in self._seen:
+                    self._seen[key] = _blockdev(fd, fd_dir)
+                if self._seen[key] is not None:
+                    nums.append(self._seen[key])
+        except OSError:
+            pass
+        finally:
+            os.close(fd_dir)
+        return names, nums
+
     def pids(self, name: str, devnum: str | None) -> set[int]:
-        """Processes holding the block device `name` (kernel name) open."""
+        """Processes holding the block device `name` (kernel name, major:minor `devnum`)
+        open, and still holding it when the grace is over."""
         if self._by_name is None:
             self._scan()
         assert self._by_name is not None
@@ -170,28 +200,15 @@ class Openers:
             self._sleep(_POLL_S)
 
     def _holds(self, pid: int, name: str, devnum: str | None) -> bool:
-        """Does `pid` still have the device open? (the scan's test, for one process)"""
         try:
-            fd_dir = os.open(self.root.proc(str(pid), "fd"), _DIR)
-        except OSError:
-            return False  # exited
-        try:
-            for fd in os.listdir(fd_dir):
-                try:
-                    link = os.readlink(fd, dir_fd=fd_dir)
-                except OSError:
-                    continue
-                if link == f"/dev/{name}":
-                    return True
-                if (devnum is not None and link.startswith("/dev/") and link not in _SKIP
-                        and not link.startswith(_SKIP_PREFIXES)
-                        and _blockdev(fd, fd_dir) == devnum):
-                    return True
-            return False
+            proc = os.open(self.root.proc(), _DIR)
         except OSError:
             return False
+        try:
+            names, nums = self._open_blocks(proc, str(pid)) or ([], [])
         finally:
-            os.close(fd_dir)
+            os.close(proc)
+        return name in names or (devnum is not None and devnum in nums)
 
     def process(self, pid: int) -> Process:
         try:

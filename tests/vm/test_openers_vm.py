@@ -4,7 +4,9 @@ VM 300 runs with the namespace as `scsi1: /dev/disk/by-id/...` (a real, paused
 qemu-system-x86_64 with the disk as a raw drive and qemu-server's pid file); VM 101 passes
 the controller. QEMU opens the disk without O_EXCL, so the exclusive-open probe passes;
 only the scan of every process's open files sees it. The assertions are about what the
-guest shows: the hook's exit code and lines, the driver, the opener's reads.
+guest shows: the hook's exit code and lines, the driver, the opener's reads. A holder in
+another mount namespace (a container's /dev naming the disk as one of our other disks)
+is found by device number, not by name.
 """
 
 from __future__ import annotations
@@ -78,7 +80,22 @@ echo > /tmp/go
 wait $SL
 fact readback "$(cat /tmp/readback)"
 
-# 3. nobody holds it: pre-start passes and warns about VM 300's config
+# 3. a process in another mount namespace (a container) holding it as its /dev/vda, the
+# name of another block device of ours: only st_rdev tells which disk it is
+modprobe virtio_blk; udevadm settle
+V=$(ls /sys/class/block | grep -m1 '^vd')
+fact other_disk $V
+unshare -m --propagation private bash -c "mount -t tmpfs tmpfs /dev && mknod /dev/$V b ${MM%:*} ${MM#*:} && exec 3</dev/$V && : > /tmp/ns-ready && exec sleep 300" &
+NSP=$!
+while [ ! -e /tmp/ns-ready ]; do sleep 0.05; done
+fact ns_link "$(readlink /proc/$NSP/fd/3)"
+fact ns_differs "$([ "$(readlink /proc/$NSP/ns/mnt)" != "$(readlink /proc/self/ns/mnt)" ] && echo yes)"
+run_hook ns 101 pre-start
+fact ns_driver "$(vm_driver $H)"
+fact ns_pid $NSP
+kill $NSP; wait $NSP 2>/dev/null
+
+# 4. nobody holds it: pre-start passes and warns about VM 300's config
 check_source import_free $BYID
 run_hook free 101 pre-start
 fact free_driver "$(vm_driver $H)"
@@ -93,7 +110,7 @@ def facts(output: str) -> dict[str, str]:
 
 
 def test_a_namespace_open_by_another_vm_is_not_taken(vm_workdir):
-    topo = Topology().isolated_nvme("S1", size="64M")
+    topo = Topology().isolated_nvme("S1", size="64M").plain_disk("OTHER", size="16M")
     res = run_guest(SCRIPT, topo, timeout=420, workdir=vm_workdir)
     print(res.output)
     print(f"boot took {res.duration:.1f} s")
@@ -118,6 +135,14 @@ def test_a_namespace_open_by_another_vm_is_not_taken(vm_workdir):
     assert f"nvme0n1 is open by pid {f['sleeper_pid']} (bash)" in log("alias")
     assert f["alias_driver"] == "nvme"
     assert f["readback"] == "PVEHOOK-MARK"  # the opener's reads still work afterwards
+
+    # (/newroot/dev/vda here: the guest's root is a chroot, and a path of another mount
+    # namespace reads from that namespace's root; in an LXC container, /dev/vda)
+    assert f["ns_differs"] == "yes" and f["ns_link"].endswith(f"/dev/{f['other_disk']}")
+    assert f["rc_ns"] == "11", log("ns")
+    assert f"nvme0n1 is open by pid {f['ns_pid']} (sleep)" in log("ns")
+    assert f["other_disk"] not in log("ns")
+    assert f["ns_driver"] == "nvme"
 
     assert f["rc_import_free"] == "0", log("import_free")
     warning = (f"warning: VM 300 (not running) has nvme0n1 by path in its config"
