@@ -2,8 +2,8 @@
 
 A namespace the host uses (mounted, swap, held by device-mapper/md, opened exclusively,
 open by any process such as another VM's QEMU, or under / or /boot) must never be
-unbound. A namespace that only carries the guest's
-own LVM/ZFS/md signatures, not active on the host, is the normal case and passes.
+unbound. A namespace that only carries the guest's own LVM/ZFS/md signatures, not active
+on the host, is the normal case and passes.
 """
 
 from __future__ import annotations
