@@ -72,7 +72,7 @@ mkfifo /tmp/go
 ( exec 3</dev/pvehook-alias; : > /tmp/ready; read -r _ < /tmp/go
   dd bs=512 skip=100 count=1 status=none <&3 | tr -d '\0' > /tmp/readback ) &
 SL=$!
-while [ ! -e /tmp/ready ]; do sleep 0.05; done
+while [ ! -e /tmp/ready ] && kill -0 $SL 2>/dev/null; do sleep 0.05; done
 fact sleeper_pid $SL
 run_hook alias 101 pre-start
 fact alias_driver "$(vm_driver $H)"
@@ -85,9 +85,11 @@ fact readback "$(cat /tmp/readback)"
 modprobe virtio_blk; udevadm settle
 V=$(ls /sys/class/block | grep -m1 '^vd')
 fact other_disk $V
-unshare -m --propagation private bash -c "mount -t tmpfs tmpfs /dev && mknod /dev/$V b ${MM%:*} ${MM#*:} && exec 3</dev/$V && : > /tmp/ns-ready && exec sleep 300" &
+unshare -m --propagation private bash -c "mount -t tmpfs tmpfs /dev &&
+  mknod /dev/$V b ${MM%:*} ${MM#*:} && exec 3</dev/$V && : > /tmp/ns-ready &&
+  exec sleep 300" &
 NSP=$!
-while [ ! -e /tmp/ns-ready ]; do sleep 0.05; done
+while [ ! -e /tmp/ns-ready ] && kill -0 $NSP 2>/dev/null; do sleep 0.05; done
 fact ns_link "$(readlink /proc/$NSP/fd/3)"
 fact ns_differs "$([ "$(readlink /proc/$NSP/ns/mnt)" != "$(readlink /proc/self/ns/mnt)" ] && echo yes)"
 run_hook ns 101 pre-start
