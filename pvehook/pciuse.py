@@ -51,13 +51,14 @@ class FunctionUse:
         self.netifs: list[str] = []
 
 
-def host_use(ctx: Context, dev: PciDevice) -> FunctionUse:
+def host_use(ctx: Context, dev: PciDevice, openers=None) -> FunctionUse:
+    """`openers`: the run's one scan of /proc (None: scan here), see usage.host_use."""
     use = FunctionUse()
     disks = disks_under(ctx.root, dev)
     use.disks = [d.name for d in disks]
     for disk in disks:  # one at a time: an empty drive fails the open probe by itself
         try:
-            du = disk_use(ctx.root, ctx.kernel, [disk])
+            du = disk_use(ctx.root, ctx.kernel, [disk], openers)
         except OSError as e:
             if e.errno == errno.ENOMEDIUM:  # a CD/DVD or card reader without a medium
                 use.notes.append(f"{disk.name} has no medium")

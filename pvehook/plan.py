@@ -135,7 +135,7 @@ def _via(entries: list[tuple[str, PciAddress]], but: PciAddress) -> str:
     return ", ".join(f"{key} ({addr})" for key, addr in entries if addr != but)
 
 
-def check_groups(ctx: Context, plan: Plan, holds: Holds) -> set[PciAddress]:
+def check_groups(ctx: Context, plan: Plan, holds: Holds, openers=None) -> set[PciAddress]:
     """Every function that leaves the host with the VM's IOMMU groups, checked.
 
     qemu-server binds every member of the group of every bound entry to vfio-pci
@@ -183,7 +183,7 @@ def check_groups(ctx: Context, plan: Plan, holds: Holds) -> set[PciAddress]:
                 continue
             from . import pciuse  # only for a member on a host driver
 
-            use = pciuse.host_use(ctx, m)
+            use = pciuse.host_use(ctx, m, openers)
             if use.reasons:
                 plan.refusals.append(InUseError(
                     f"{where}: the host uses it: " + "; ".join(use.reasons),
@@ -203,7 +203,7 @@ def check_groups(ctx: Context, plan: Plan, holds: Holds) -> set[PciAddress]:
 
 
 def check_device(ctx: Context, dev: PciDevice, moving: set[PciAddress], holds: Holds,
-                 plan: Plan) -> None:
+                 plan: Plan, openers=None) -> None:
     """Append the device's refusals, or its step, to the plan."""
     addr = dev.address
     refused = len(plan.refusals)
@@ -225,7 +225,7 @@ def check_device(ctx: Context, dev: PciDevice, moving: set[PciAddress], holds: H
                  " device"))
     disks = namespaces(dev) if driver else []
     if disks:
-        use = host_use(ctx.root, ctx.kernel, disks)
+        use = host_use(ctx.root, ctx.kernel, disks, openers)
         if use.in_use:
             plan.refusals.append(InUseError(
                 f"{addr}: the host uses this disk: " + "; ".join(use.reasons),
@@ -280,10 +280,13 @@ def check(ctx: Context, plan: Plan) -> None:
             hint="enable VT-d/AMD-Vi in the firmware and add intel_iommu=on (Intel) to the"
                  " kernel command line, then reboot"))
         return
+    from .openers import Openers
+
     holds = Holds(ctx.root, ctx.journal, plan.vmid)
-    moving = check_groups(ctx, plan, holds)
+    openers = Openers(ctx.root)  # one /proc scan for every device the start takes
+    moving = check_groups(ctx, plan, holds, openers)
     for dev in plan.managed:
-        check_device(ctx, dev, moving, holds, plan)
+        check_device(ctx, dev, moving, holds, plan, openers)
 
 
 def dry_run(ctx: Context, vmid: int) -> Plan:

@@ -1,8 +1,9 @@
 """Does the host use a disk? Every reason, and what merely sits on it.
 
 A namespace the host uses (mounted, swap, held by device-mapper/md, opened exclusively,
-or under / or /boot) must never be unbound. A namespace that only carries the guest's
-own LVM/ZFS/md signatures, not active on the host, is the normal case and passes.
+open by any process such as another VM's QEMU, or under / or /boot) must never be
+unbound. A namespace that only carries the guest's own LVM/ZFS/md signatures, not active
+on the host, is the normal case and passes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import namedtuple
 
 from .block import BlockDevice
 from .kernel import Kernel
+from .openers import Openers
 from .paths import Root
 
 _HOST_CRITICAL = ("/", "/boot", "/boot/efi", "/usr", "/var")
@@ -72,8 +74,12 @@ def _holder_kind(dev: BlockDevice) -> str:
     return "a stacked device"
 
 
-def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice]) -> DiskUse:
+def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice],
+             openers: Openers | None = None) -> DiskUse:
+    """`openers`: one run's scan of /proc, shared by every call of the run (the scan
+    costs about as much as the rest of a pre-start on a busy node); None scans here."""
     use = DiskUse()
+    openers = openers if openers is not None else Openers(root)
     all_mounts = mounts(root)
     active_swaps = swaps(root)
     for disk in disks:
@@ -98,12 +104,16 @@ def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice]) -> DiskUse:
                     use.reasons.append(f"{dev.name} is active swap{via}")
             for h in dev.holders():
                 use.reasons.append(f"{dev.name} is held by {h.label()}, {_holder_kind(h)}")
+            _open_by(openers, dev, stack, use)
             props = dev.udev() or {}
             fs = props.get("ID_FS_TYPE")
             if fs in _SIGNATURES and not dev.holders():
                 use.notes.append(f"{dev.name} carries {_SIGNATURES[fs]}"
                                  f"{' ' + repr(props['ID_FS_LABEL']) if props.get('ID_FS_LABEL') else ''}"
                                  ", not active on the host (the guest's own)")
+        if openers.unreadable:
+            use.notes.append(f"could not read the open files of {openers.unreadable}"
+                             " process(es): run as root to see every opener")
         if not use.reasons:
             # One probe on the whole namespace covers every exclusive user of it or of
             # its partitions, including those that leave no other trace (a ZFS pool).
@@ -119,3 +129,28 @@ def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice]) -> DiskUse:
                 else:
                     use.reasons.append(f"{disk.name} is opened exclusively by a process or driver")
     return use
+
+
+def _open_by(openers: Openers, dev: BlockDevice, stack: list[BlockDevice], use: DiskUse) -> None:
+    """Processes holding `dev` or a device stacked on it open (QEMU opens a disk given by
+    path without O_EXCL: no other check sees it), and VM configs naming it by path."""
+    running = set()
+    for d in stack:
+        num = d.devnum if d.exists() else None
+        for pid in sorted(openers.pids(d.name, num)):
+            p = openers.process(pid)
+            via = "" if d is dev else f" through {d.label()}"
+            if p.vmid is not None:
+                running.add(p.vmid)
+                use.reasons.append(f"{dev.name} is open{via} by {p.describe()}: stop VM"
+                                   f" {p.vmid} or remove the disk from it first")
+            else:
+                use.reasons.append(f"{dev.name} is open{via} by {p.describe()}")
+    num = dev.devnum if dev.exists() else None
+    for c in openers.configs_naming(dev.name, num):
+        if c.vmid in running:
+            continue
+        state = "running" if c.running else "not running"
+        use.notes.append(f"warning: VM {c.vmid} ({state}) has {dev.name} by path in its config"
+                         f" ({c.key}: {c.path}): started while this disk is passed through or"
+                         " copied, it would open it on the host")

@@ -361,6 +361,24 @@ class FakeHost:
             (cdir / f"nvme{subsys}c{ctrl[4:]}n{nsid}").mkdir()
         return head
 
+    def open_file(self, pid: int, target: str, comm: str = "sleep",
+                  cmdline: list[str] | None = None) -> None:
+        """Process `pid` holds `target` open: /proc/<pid>/fd/<n> -> target, as the kernel
+        shows it (an absolute path such as /dev/nvme0n1, or socket:[123])."""
+        p = self.root.proc(str(pid))
+        (p / "fd").mkdir(parents=True, exist_ok=True)
+        (p / "comm").write_text(comm + "\n")
+        (p / "cmdline").write_bytes(b"\0".join(a.encode() for a in (cmdline or [comm])) + b"\0")
+        n = len(os.listdir(p / "fd"))
+        os.symlink(target, p / "fd" / str(n))
+
+    def exit_process(self, pid: int) -> None:
+        shutil.rmtree(self.root.proc(str(pid)), ignore_errors=True)
+
+    def qemu_pidfile(self, vmid: int, pid: int) -> None:
+        """qemu-server's /run/qemu-server/<vmid>.pid of a running VM."""
+        self.root.run("qemu-server", f"{vmid}.pid").write_text(f"{pid}\n")
+
 
 class FakeKernel(Kernel):
     """Performs writes on a FakeHost tree the way the kernel reacts to them."""

@@ -225,8 +225,9 @@ def check_source(ctx: Context, src: Source) -> tuple[list[str], list[str]]:
     if use.in_use:
         raise InUseError(
             f"the host uses {src.path}: " + "; ".join(use.reasons),
-            hint="stop that use first (umount, swapoff, `vgchange -an <vg>`, `zpool export`);"
-                 " import-raw never copies a disk the host is using")
+            hint="stop that use first (umount, swapoff, `vgchange -an <vg>`, `zpool export`,"
+                 " stop the VM or process that has it open); import-raw never copies a disk"
+                 " the host is using")
     fmt = image_header(src.device.dev_path)
     if fmt is not None:
         raise ImageHeaderError(

@@ -15,6 +15,7 @@ from ..context import Context
 from ..errors import ConfigError, PvehookError
 from ..holds import Holds, vm_running
 from ..mapping import load_pci_mappings
+from ..openers import Openers
 from ..paths import Root
 from ..pci import PciAddress, PciDevice
 from ..resolve import alternatives
@@ -131,6 +132,7 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
     root = ctx.root
     naming = vms_naming(ctx)
     holds = Holds(root, ctx.journal, -1)
+    openers = Openers(root)  # one /proc scan for every namespace
     if vmid is not None:
         VmConfig.load(root, vmid)  # a clear error when the VM is not on this node
     out = []
@@ -150,7 +152,7 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
                 size = read_or_none(disk.sys_path / "size")
                 ns["size_bytes"] = int(size) * 512 if size and size.isdigit() else None
                 try:
-                    use = host_use(root, ctx.kernel, [disk])
+                    use = host_use(root, ctx.kernel, [disk], openers)
                     ns["host_use"], ns["notes"] = use.reasons, use.notes
                 except OSError as e:
                     if isinstance(e, PermissionError):
