@@ -37,6 +37,8 @@ class Plan:
         self.refusals: list[PvehookError] = []
         self.steps: list[Step] = []  # devices to move to vfio-pci
         self.stays: list[Step] = []  # already on vfio-pci: recorded only
+        self.entries: dict = {}  # PciAddress -> the HostPci entry of each managed device
+        self.pins = None  # pins.PinCheck: the drives checked against the VM's pins
 
 
 def resolve(ctx: Context, config: VmConfig, plan: Plan) -> tuple[list[PciDevice], set[PciAddress]]:
@@ -73,6 +75,7 @@ def resolve(ctx: Context, config: VmConfig, plan: Plan) -> tuple[list[PciDevice]
                                   " NVMe controller, left to Proxmox")
             else:
                 managed.append(dev)
+                plan.entries[addr] = entry
     return managed, passed
 
 
@@ -136,6 +139,9 @@ def check_device(ctx: Context, dev: PciDevice, passed: set[PciAddress], holds: H
 
 def check(ctx: Context, plan: Plan, managed: list[PciDevice], passed: set[PciAddress]) -> None:
     """Check every managed device; all are checked before anything changes."""
+    from .pins import check_pins
+
+    check_pins(ctx, plan, managed)  # first: "this is not your drive" comes before the rest
     holds = Holds(ctx.root, ctx.journal, plan.vmid)
     for dev in managed:
         check_device(ctx, dev, passed, holds, plan)
