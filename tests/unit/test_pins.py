@@ -230,3 +230,21 @@ def test_mapping_pinned_first_alternative(host, hook):
     code, out = hook(102, "pre-start")
     assert code == 0, out
     assert host.driver_of(A) == "vfio-pci" and host.driver_of(B) == "nvme"
+
+
+def test_identical_twins_are_told_apart_by_serial(host, hook):
+    """Two drives of one model (same vendor:device, model, firmware): what Proxmox's
+    mapping= and vfio-pci ids= cannot tell apart."""
+    host.boot("boot-1")
+    nvme(host, A, 1, "TWIN-1")
+    nvme(host, B, 2, "TWIN-2")
+    for addr in (A, B):
+        host.set_identity(addr, subsysnqn="nqn.2014.08.org.nvmexpress:1b361b36QEMU NVMe Ctrl")
+    host.vm_config(100, f"hostpci0: {A}\n")
+    started_and_stopped(hook, 100)
+    host.renumber(A, B)
+    code, out = hook(100, "pre-start")
+    assert code == 18, out
+    assert (f"{A} now holds QEMU NVMe Ctrl TWIN-2 (not VM 100's QEMU NVMe Ctrl TWIN-1); that"
+            f" drive is at {B}") in out
+    assert host.driver_of(A) == "nvme"
