@@ -30,7 +30,9 @@ Exit codes:
       12 held by another VM, 13 bind, 14 give-back, 15 volume);
       import-raw: 11 the host uses the source disk
   16  import-raw: the VM is running, locked, or on another node
-  17  import-raw: the source starts with a disk-image or LUKS header"""
+  17  import-raw: the source starts with a disk-image or LUKS header
+  18  check: a drive is not the one pinned for the VM (see `pvehook pin`);
+      pin --accept: a drive cannot be identified"""
 
 MAIN_HELP = f"""Safe NVMe passthrough for Proxmox VE: opt VMs in to the pvehook hookscript
 and see what it will do. Run as root on a Proxmox VE node.
@@ -96,6 +98,8 @@ def _print_outcome(out, as_json: bool, verb: str) -> int:
         for d in out.done:
             extra = f" (was {d['old']})" if d["action"] == "registered" and d["old"] else ""
             click.echo(f"VM {d['vmid']} on {d['node']}: {d['action']}{extra}")
+        for line in getattr(out, "pins", []):
+            click.echo(line)
         for w in out.warnings:
             click.echo(f"pvehook: warning: {w}", err=True)
     if out.error is None:
@@ -178,6 +182,9 @@ def list_(as_json):
         for disk in vm["lvm_disks"]:
             click.echo(f"  {disk['key']}: {disk['volume']} = {disk['lv']}"
                        f" ({'thin' if disk['thin'] else 'thick'} LVM)")
+        for p in vm.get("pins", []):
+            where = ", ".join(p["now_at"]) or "not on this node"
+            click.echo(f"  {p['key']} pinned: {p['description']}: {p['state']} ({where})")
         for err in vm["errors"]:
             click.echo(f"  error: {err}")
     return 0
@@ -223,7 +230,25 @@ def status(vmid, as_json):
             click.echo("  no namespaces visible" + (" (not on nvme)" if c["driver"] != "nvme" else ""))
         vms = ", ".join(map(str, c["vms"])) or "none"
         click.echo(f"  named by VM: {vms}; held by: {c['held_by'] or 'nobody'}")
+        click.echo(f"  drive: {_identity_line(c)}")
     return 0
+
+
+def _identity_line(c: dict) -> str:
+    from .identity import describe
+
+    ident, source = c.get("identity"), c.get("identity_source")
+    if ident is None:
+        return "cannot be identified (not on nvme, no PCIe Device Serial Number)"
+    parts = [describe(ident)]
+    if ident.get("firmware"):
+        parts.append(f"firmware {ident['firmware']}")
+    if ident.get("dsn"):
+        parts.append(f"DSN {ident['dsn']}")
+    how = {"nvme": "", "dsn": " (by its PCIe Device Serial Number)",
+           "recorded": " (as recorded when it was last on nvme)"}.get(source, "")
+    pinned = ", ".join(c.get("pinned_for") or []) or "no VM"
+    return ", ".join(parts) + how + f"; pinned for {pinned}"
 
 
 @cli.command(epilog="\b\nExample:\n  pvehook iommu --json")
@@ -300,6 +325,85 @@ def doctor(as_json):
         raise NodeNotReadyError(f"{len(errors)} problem(s) found: "
                                 + "; ".join(f["check"] for f in errors),
                                 hint="see the fixes above")
+    return 0
+
+
+# -- pin -------------------------------------------------------------------------------------
+
+@cli.command(epilog="""\b
+Examples:
+  pvehook pin 100                 which drives VM 100 is pinned to, and where they are
+  pvehook pin 100 --accept        the drives at VM 100's addresses now become its drives
+  pvehook pin 100 --forget        drop the pins; the next start pins again
+\b
+Pins are node-local (/var/lib/pvehook/pins.json): PCI addresses and drives belong to
+one node. A VM is pinned at `pvehook register` and, without a pin, at its first start.""")
+@click.argument("vmid", type=VMID, shell_complete=_vmid_completion)
+@click.option("--accept", is_flag=True, help="Pin the drives now at the VM's addresses"
+              " (after a drive swap or a renumbering you meant).")
+@click.option("--forget", is_flag=True, help="Drop the VM's pins; its next start pins the"
+              " drives there then.")
+@json_option
+def pin(vmid, accept, forget, as_json):
+    """Show, accept or forget the drives pinned for a VM of this node.
+
+    pre-start refuses (exit 18) when a VM's address holds another drive than the one
+    pinned for it: after a BIOS update, a new card or a moved drive, the same hostpci
+    line names another slot's drive.
+    """
+    import os
+
+    from . import pins
+    from .report import context
+
+    if accept and forget:
+        raise UsageError("--accept and --forget exclude each other")
+    ctx = context()
+    if accept or forget:
+        if os.geteuid() != 0:
+            from .pve import NotRootError
+
+            raise NotRootError("pvehook pin --accept/--forget writes /var/lib/pvehook/pins.json",
+                               hint="run it as root")
+        done = pins.accept(ctx, vmid) if accept else pins.forget(ctx, vmid)
+        if as_json:
+            _emit_json({"vmid": vmid, "action": "accepted" if accept else "forgotten",
+                        "pins": done})
+            return 0
+        for d in done:
+            if accept:
+                was = f" (was {', '.join(d['was'])})" if d["was"] and d["was"] != [d["description"]] else ""
+                click.echo(f"VM {vmid} {d['key']}: pinned {d['description']} at {d['address']}{was}")
+            else:
+                click.echo(f"VM {vmid} {d['key']}: forgot {d['description']} (pinned at {d['address']})")
+        if not done:
+            click.echo(f"VM {vmid}: {'no NVMe drive to pin' if accept else 'no pins'}")
+        return 0
+    info = pins.inspect_vm(ctx, vmid)
+    if as_json:
+        _emit_json(info)
+        return 0
+    click.echo(f"VM {vmid}: pins in {info['store']} (this node only)")
+    for d in info["drives"]:
+        how = f" ({d['how']})" if d["how"] else ""
+        verdict = {"ok": "the pinned drive", "mismatch": "NOT the pinned drive",
+                   "unverified": "cannot be identified",
+                   "to pin": "no pin yet: pinned at the next start (or --accept)",
+                   "cannot pin": "no pin yet, and it cannot be identified now"}[d["verdict"]]
+        click.echo(f"{d['key']} -> {d['address']}: {d['now_description']}{how}: {verdict}")
+    for p in info["pinned"]:
+        from datetime import datetime
+
+        when = datetime.fromtimestamp(p["time"]).strftime("%Y-%m-%d %H:%M")
+        where = ", ".join(p["now_at"]) or "not on this node"
+        click.echo(f"  {p['key']} pinned: {p['description']} (firmware"
+                   f" {p['identity'].get('firmware') or '?'}), at {p['pinned_at']} on {when}"
+                   f" ({p['how']}); now: {where} ({p['state']})")
+    for line in info["lines"]:
+        if "no hostpci devices" in line:
+            click.echo(line)
+    for r in info["refusals"]:
+        click.echo(f"refused: {r['message']}")
     return 0
 
 

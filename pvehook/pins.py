@@ -157,6 +157,14 @@ class Observed:
     def describe(self) -> str:
         return identity.describe(self.best)
 
+    def source(self) -> str:
+        """How `best` was told."""
+        if self.nvme is not None:
+            return "read from the controller"
+        if self.recorded is not None:
+            return f"as recorded when it was last on nvme, {_when(self.seen['time'])}"
+        return f"by its PCIe Device Serial Number {self.dsn}" if self.dsn else ""
+
     def unknown_why(self) -> str:
         return (f"it is on {self.driver or 'no driver'}, has no PCIe Device Serial Number"
                 f"{' pvehook can compare' if self.dsn else ''} and was not seen on nvme"
@@ -229,7 +237,7 @@ def check_pins(ctx, plan, managed: list[PciDevice]) -> None:
                                   f" this one cannot be identified now ({obs.unknown_why()}):"
                                   " it is pinned at a start where nvme has it")
             else:
-                item["verdict"] = "to pin"
+                item.update(verdict="to pin", how=obs.source())
                 result.new_pins.append((key, obs))
                 plan.lines.append(f"{addr}: {obs.describe()}; {key} of VM {plan.vmid} has no"
                                   " pinned drive yet: pinned when this start succeeds (trust on"
@@ -319,3 +327,153 @@ def commit(ctx, plan) -> None:
         log.info("%s: pinned %s as the drive of VM %d %s (trust on first use: it was the drive"
                  " there at the first start; `pvehook pin %d` shows it)", obs.address,
                  obs.describe(), plan.vmid, key, plan.vmid)
+
+
+# -- the CLI: pvehook pin, status, list, check, doctor ---------------------------------------
+
+def _vm_plan(ctx, vmid: int):
+    """Resolve a VM of this node as pre-start does and check its drives (no lock, no change)."""
+    from .plan import Plan, resolve
+    from .vmconfig import VmConfig
+
+    config = VmConfig.load(ctx.root, vmid)
+    plan = Plan(vmid)
+    managed, _ = resolve(ctx, config, plan)
+    check_pins(ctx, plan, managed)
+    return plan, managed
+
+
+def inspect_vm(ctx, vmid: int) -> dict:
+    """Each drive the VM's hostpci entries give now, checked against its pins, and where
+    each pinned drive is now."""
+    plan, _managed = _vm_plan(ctx, vmid)
+    store = PinStore(ctx.root)
+    data = store.load()
+    boot = boot_id(ctx.root)
+    drives = []
+    for r in plan.pins.results:
+        drives.append({**r, "now_description": identity.describe(r["now"]),
+                       "pinned_description": identity.describe(r["pinned"]) if r["pinned"] else None})
+    given = {(d["key"], d["address"]) for d in drives}
+    pinned = []
+    for key, pins in sorted(data["vms"].get(str(vmid), {}).items()):
+        for p in pins:
+            where = [str(a) for a in locate(ctx.root, p["identity"], data, boot)]
+            state = ("in place" if any((key, a) in given for a in where) else
+                     "moved" if where else "missing")
+            pinned.append({"key": key, "identity": p["identity"],
+                           "description": identity.describe(p["identity"]),
+                           "pinned_at": p["address"], "time": p["time"], "how": p["how"],
+                           "now_at": where, "state": state})
+    return {"vmid": vmid, "store": str(store.path), "lines": plan.lines, "drives": drives,
+            "pinned": pinned,
+            "refusals": [{"message": str(e), "exit_code": e.exit_code} for e in plan.refusals]}
+
+
+def _record_pins(ctx, vmid: int, how: str, replace: bool) -> list[dict]:
+    """Pin the drives the VM's entries give now: all of them (`replace`), or those of
+    entries without a pin. Refuses before writing if one cannot be identified."""
+    plan, _managed = _vm_plan(ctx, vmid)
+    hard = [e for e in plan.refusals if not isinstance(e, DriveMismatchError)]
+    if hard:
+        raise hard[0]
+    todo, skipped = [], []
+    for r, obs in zip(plan.pins.results, plan.pins.observed):
+        if not replace and r["verdict"] not in ("to pin", "cannot pin"):
+            continue
+        ident = obs.best
+        if ident is None or not (ident.get("serial") or ident.get("dsn")):
+            if not replace:  # register: that entry is pinned at the VM's first start
+                skipped.append({"key": r["key"], "address": str(obs.address),
+                                "skipped": obs.unknown_why()})
+                continue
+            raise DriveMismatchError(
+                f"VM {vmid} {r['key']}: cannot pin the drive at {obs.address}: {obs.unknown_why()}",
+                hint="let nvme take it once so its serial can be read, then try again")
+        todo.append((r["key"], obs))
+    done = []
+    with PinStore(ctx.root).update() as data:
+        record_seen(data, ctx.root, plan.pins.observed)
+        old = data["vms"].get(str(vmid), {})
+        entries = {} if replace else dict(old)
+        for key, obs in todo:
+            entries.setdefault(key, []).append(pin_record(obs.address, obs.best, how))
+            was = [identity.describe(p["identity"]) for p in old.get(key, [])]
+            done.append({"key": key, "address": str(obs.address), "identity": obs.best,
+                         "description": obs.describe(), "was": was})
+        if entries:
+            data["vms"][str(vmid)] = entries
+        else:
+            data["vms"].pop(str(vmid), None)
+    return done + skipped
+
+
+def accept(ctx, vmid: int) -> list[dict]:
+    """`pvehook pin <vmid> --accept`: the drives there now become the VM's pins."""
+    return _record_pins(ctx, vmid, "accepted", replace=True)
+
+
+def pin_new(ctx, vmid: int, how: str = "register") -> list[dict]:
+    """Pin the drives of entries that have no pin yet (`pvehook register`)."""
+    return _record_pins(ctx, vmid, how, replace=False)
+
+
+def forget(ctx, vmid: int) -> list[dict]:
+    """`pvehook pin <vmid> --forget`: drop the VM's pins; its next start pins again."""
+    with PinStore(ctx.root).update() as data:
+        old = data["vms"].pop(str(vmid), {})
+    return [{"key": key, "address": p["address"], "identity": p["identity"],
+             "description": identity.describe(p["identity"])}
+            for key, pins in sorted(old.items()) for p in pins]
+
+
+def drive_report(ctx, dev: PciDevice, data: dict, boot: str | None) -> dict:
+    """`status`: the identity of one controller, how it was told, whose pinned drive it is."""
+    obs = observe(ctx.root, dev, data, boot)
+    source = ("nvme" if obs.nvme is not None else "recorded" if obs.recorded is not None
+              else "dsn" if obs.dsn else None)
+    return {"identity": obs.best, "identity_source": source,
+            "recorded_at": obs.seen["time"] if source == "recorded" else None,
+            "pinned_for": [o for o, _ in owners(data, obs)]}
+
+
+def doctor_findings(ctx, vmids: list[int]) -> list[tuple[str, str, str | None]]:
+    """(status, message, fix) for each registered VM of this node: are its pinned drives
+    where its config sends the hook?"""
+    out = []
+    for vmid in vmids:
+        try:
+            info = inspect_vm(ctx, vmid)
+        except Exception as e:  # a finding, never a crash of doctor
+            out.append(("warn", f"VM {vmid}: cannot check its pinned drives: {e}", None))
+            continue
+        if not info["pinned"]:
+            if info["drives"]:
+                out.append(("info", f"VM {vmid}: no pinned drive yet (pinned at its next start)",
+                            f"pvehook pin {vmid} --accept"))
+            continue
+        bad = False
+        for p in info["pinned"]:
+            if p["state"] == "moved":
+                bad = True
+                out.append(("error", f"VM {vmid} {p['key']}: its pinned drive {p['description']}"
+                            f" moved to {', '.join(p['now_at'])} (pinned at {p['pinned_at']}):"
+                            " the VM will not start",
+                            f"update {p['key']}, or `pvehook pin {vmid} --accept` for the drive"
+                            " there now"))
+            elif p["state"] == "missing":
+                bad = True
+                out.append(("error", f"VM {vmid} {p['key']}: its pinned drive {p['description']}"
+                            " is not on this node (or on vfio-pci and cannot be identified)",
+                            f"put it back, or `pvehook pin {vmid} --accept`"))
+        for d in info["drives"]:
+            if d["verdict"] == "unverified":
+                bad = True
+                out.append(("warn", f"VM {vmid} {d['key']}: {d['address']} cannot be identified"
+                            " (on vfio-pci without a PCIe Device Serial Number, not seen on nvme"
+                            " in this boot)", "let nvme take it once"))
+        if not bad:
+            out.append(("ok", f"VM {vmid}: pinned drives in place ("
+                        + ", ".join(f"{p['key']} {p['description']}" for p in info["pinned"]) + ")",
+                        None))
+    return out

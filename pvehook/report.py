@@ -20,6 +20,7 @@ from .holds import Holds, vm_running
 from .mapping import load_pci_mappings
 from .paths import Root
 from .pci import PciAddress, PciDevice
+from .pins import PinStore, boot_id, doctor_findings, drive_report, inspect_vm
 from .pve import DIR_TYPES, HOOK_PATH, SNIPPET_NAME, is_ours
 from .resolve import alternatives
 from .storagecfg import load_storage_cfg, lvm_volume
@@ -130,6 +131,7 @@ def list_data(ctx: Context) -> list[dict]:
             else:
                 dev["why"] = f"on node {node}: see `pvehook status` there"
             item["devices"].append(dev)
+        item["pins"] = _list_pins(ctx, vmid) if node == ctx.node else []
         for disk in conf.disks:
             try:
                 vol = lvm_volume(storages, disk)
@@ -143,7 +145,26 @@ def list_data(ctx: Context) -> list[dict]:
     return out
 
 
+def _list_pins(ctx: Context, vmid: int) -> list[dict]:
+    """The VM's pinned drives and where they are now (issue 13)."""
+    try:
+        info = inspect_vm(ctx, vmid)
+    except (PvehookError, PermissionError):
+        return []
+    return [{k: p[k] for k in ("key", "description", "identity", "pinned_at", "now_at", "state")}
+            for p in info["pinned"]]
+
+
 # -- status ------------------------------------------------------------------------------
+
+def _pins(root: Root) -> tuple[dict, str | None]:
+    """The pin store (empty where it cannot be read: not root) and this boot's id."""
+    try:
+        data = PinStore(root).load()
+    except PermissionError:
+        data = {"vms": {}, "seen": {}}
+    return data, boot_id(root)
+
 
 def _ctrl_attr(dev: PciDevice, name: str) -> str | None:
     base = dev.sys_path / "nvme"
@@ -204,6 +225,7 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
     root = ctx.root
     naming = vms_naming(ctx)
     holds = Holds(root, ctx.journal, -1)
+    pins_data, boot = _pins(root)
     if vmid is not None:
         VmConfig.load(root, vmid)  # a clear error when the VM is not on this node
     out = []
@@ -217,6 +239,7 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
                 "driver": dev.driver, "driver_override": dev.driver_override,
                 **group_verdict(root, dev), "namespaces": [],
                 "vms": naming.get(dev.address, []), "held_by": holds.holder(dev.address)}
+        item.update(drive_report(ctx, dev, pins_data, boot))
         if dev.driver:
             for disk in namespaces(dev):
                 ns = {"name": disk.name, "size_bytes": None, "host_use": [], "notes": []}
@@ -280,6 +303,7 @@ def check_data(ctx: Context, vmid: int) -> dict:
                            for s in plan.steps] if not plan.refusals else [],
             "stays": [str(s.device.address) for s in plan.stays] if not plan.refusals else [],
             "hookscript": config.hookscript, "registered": is_ours(config.hookscript),
+            "pins": plan.pins.results if plan.pins is not None else [],
             "exit_code": code}
 
 
@@ -443,5 +467,8 @@ def doctor_data(ctx: Context) -> list[dict]:
                                 " node: the VM cannot start", f"pvehook register {vmid}"))
         else:
             out.append(_finding("registered", "ok", f"VM {vmid}: {volid} ({path})"))
+    local = [vmid for vmid, node, _volid in registered_vms(root) if node == ctx.node]
+    for status, message, fix in doctor_findings(ctx, local):
+        out.append(_finding("pins", status, message, fix))
     out.append(_finding("version", "info", f"pvehook {__version__}; snippet name {SNIPPET_NAME}"))
     return out
