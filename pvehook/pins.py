@@ -355,6 +355,7 @@ def inspect_vm(ctx, vmid: int) -> dict:
         drives.append({**r, "now_description": identity.describe(r["now"]),
                        "pinned_description": identity.describe(r["pinned"]) if r["pinned"] else None})
     given = {(d["key"], d["address"]) for d in drives}
+    mapped = {e.key: e.mapping for e in plan.entries.values() if e.mapping}
     pinned = []
     for key, pins in sorted(data["vms"].get(str(vmid), {}).items()):
         for p in pins:
@@ -364,7 +365,7 @@ def inspect_vm(ctx, vmid: int) -> dict:
             pinned.append({"key": key, "identity": p["identity"],
                            "description": identity.describe(p["identity"]),
                            "pinned_at": p["address"], "time": p["time"], "how": p["how"],
-                           "now_at": where, "state": state})
+                           "now_at": where, "state": state, "mapping": mapped.get(key)})
     return {"vmid": vmid, "store": str(store.path), "lines": plan.lines, "drives": drives,
             "pinned": pinned,
             "refusals": [{"message": str(e), "exit_code": e.exit_code} for e in plan.refusals]}
@@ -459,8 +460,9 @@ def doctor_findings(ctx, vmids: list[int]) -> list[tuple[str, str, str | None]]:
                 out.append(("error", f"VM {vmid} {p['key']}: its pinned drive {p['description']}"
                             f" moved to {', '.join(p['now_at'])} (pinned at {p['pinned_at']}):"
                             " the VM will not start",
-                            f"update {p['key']}, or `pvehook pin {vmid} --accept` for the drive"
-                            " there now"))
+                            (f"put its map line first in mapping '{p['mapping']}'" if p["mapping"]
+                             else f"update {p['key']}")
+                            + f", or `pvehook pin {vmid} --accept` for the drive there now"))
             elif p["state"] == "missing":
                 bad = True
                 out.append(("error", f"VM {vmid} {p['key']}: its pinned drive {p['description']}"
