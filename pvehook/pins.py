@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 
 from . import identity
-from .errors import DriveMismatchError
+from .errors import ConfigError, DriveMismatchError
 from .pci import PciDevice
 
 STORE = "pins.json"
@@ -63,8 +63,20 @@ class PinStore:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return {"vms": {}, "seen": {}}
-        with os.fdopen(fd) as f:
-            data = json.load(f)
+        except PermissionError:
+            raise
+        except OSError as e:  # ELOOP: a symlink planted in its place
+            raise ConfigError(f"cannot open the pin store {self.path}: {e.strerror or e}",
+                              hint="it must be a regular file owned by root") from None
+        try:
+            with os.fdopen(fd) as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise ConfigError(f"the pin store {self.path} is damaged: {e}",
+                              hint="restore it from a backup, or remove it (every VM's drives"
+                                   " are then pinned again at their next start)") from None
         data.setdefault("vms", {})
         data.setdefault("seen", {})
         return data

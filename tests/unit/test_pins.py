@@ -248,3 +248,19 @@ def test_identical_twins_are_told_apart_by_serial(host, hook):
     assert (f"{A} now holds QEMU NVMe Ctrl TWIN-2 (not VM 100's QEMU NVMe Ctrl TWIN-1); that"
             f" drive is at {B}") in out
     assert host.driver_of(A) == "nvme"
+
+
+def test_a_damaged_or_planted_store_refuses_clearly(host, hook):
+    two_drives(host)
+    host.vm_config(100, f"hostpci0: {A}\n")
+    started_and_stopped(hook, 100)
+    path = host.root.lib_dir / "pins.json"
+    path.write_text("{not json")
+    code, out = hook(100, "pre-start")
+    assert code == 1 and f"the pin store {path} is damaged" in out, out
+    path.unlink()
+    path.symlink_to(host.base / "elsewhere.json")
+    (host.base / "elsewhere.json").write_text("{}")
+    code, out = hook(100, "pre-start")
+    assert code == 1 and f"cannot open the pin store {path}" in out, out
+    assert host.driver_of(A) == "nvme"
