@@ -374,6 +374,9 @@ def pin(vmid, accept, forget, as_json):
             if accept:
                 was = f" (was {', '.join(d['was'])})" if d["was"] and d["was"] != [d["description"]] else ""
                 click.echo(f"VM {vmid} {d['key']}: pinned {d['description']} at {d['address']}{was}")
+                if d["also_pinned_for"]:
+                    click.echo(f"  note: it is also the pinned drive of {', '.join(d['also_pinned_for'])}:"
+                               " never start both at once")
             else:
                 click.echo(f"VM {vmid} {d['key']}: forgot {d['description']} (pinned at {d['address']})")
         if not done:
@@ -389,6 +392,7 @@ def pin(vmid, accept, forget, as_json):
         verdict = {"ok": "the pinned drive", "mismatch": "NOT the pinned drive",
                    "unverified": "cannot be identified",
                    "to pin": "no pin yet: pinned at the next start (or --accept)",
+                   "pinned for another VM": "another VM's pinned drive: not pinned on trust",
                    "cannot pin": "no pin yet, and it cannot be identified now"}[d["verdict"]]
         click.echo(f"{d['key']} -> {d['address']}: {d['now_description']}{how}: {verdict}")
     for p in info["pinned"]:

@@ -248,6 +248,17 @@ def check_pins(ctx, plan, managed: list[PciDevice]) -> None:
                 plan.lines.append(f"{addr}: VM {plan.vmid} has no pinned drive for {key}, and"
                                   f" this one cannot be identified now ({obs.unknown_why()}):"
                                   " it is pinned at a start where nvme has it")
+            elif owners(data, obs, plan.vmid):
+                # Another VM's disk while that VM is off: exactly what pins are for; a new
+                # entry does not take it on trust.
+                others = ", ".join(o for o, _ in owners(data, obs, plan.vmid))
+                item.update(verdict="pinned for another VM", how=obs.source())
+                plan.refusals.append(DriveMismatchError(
+                    f"{addr} holds {obs.describe()}, the pinned drive of {others}; {key} of VM"
+                    f" {plan.vmid} has no pinned drive yet, and pvehook does not give another"
+                    " VM's drive on trust",
+                    hint=f"correct {key}, or, if VM {plan.vmid} is meant to share that drive,"
+                         f" run `pvehook pin {plan.vmid} --accept`"))
             else:
                 item.update(verdict="to pin", how=obs.source())
                 result.new_pins.append((key, obs))
@@ -393,6 +404,9 @@ def _record_pins(ctx, vmid: int, how: str, replace: bool) -> list[dict]:
     todo, skipped = [], []
     for r, obs in zip(plan.pins.results, plan.pins.observed):
         if not replace and r["verdict"] not in ("to pin", "cannot pin"):
+            if r["verdict"] == "pinned for another VM":  # register: never on trust
+                skipped.append({"key": r["key"], "address": str(obs.address),
+                                "skipped": f"{obs.describe()} is another VM's pinned drive"})
             continue
         ident = obs.best
         if ident is None or not (ident.get("serial") or ident.get("dsn")):
@@ -413,7 +427,8 @@ def _record_pins(ctx, vmid: int, how: str, replace: bool) -> list[dict]:
             entries.setdefault(key, []).append(pin_record(obs.address, obs.best, how))
             was = [identity.describe(p["identity"]) for p in old.get(key, [])]
             done.append({"key": key, "address": str(obs.address), "identity": obs.best,
-                         "description": obs.describe(), "was": was})
+                         "description": obs.describe(), "was": was,
+                         "also_pinned_for": [o for o, _ in owners(data, obs, vmid)]})
         if entries:
             data["vms"][str(vmid)] = entries
         else:

@@ -264,3 +264,18 @@ def test_a_damaged_or_planted_store_refuses_clearly(host, hook):
     code, out = hook(100, "pre-start")
     assert code == 1 and f"cannot open the pin store {path}" in out, out
     assert host.driver_of(A) == "nvme"
+
+
+def test_a_new_entry_does_not_take_another_vms_drive_on_trust(host, hook):
+    """The issue's worst case: a line that names another VM's disk while that VM is off."""
+    two_drives(host)
+    host.vm_config(101, f"hostpci0: {B}\n")
+    started_and_stopped(hook, 101)
+    host.vm_config(100, f"hostpci0: {B}\n")  # a typo, or a copied config
+    code, out = hook(100, "pre-start")
+    assert code == 18, out
+    assert (f"{B} holds Samsung SSD 990 PRO 2TB S7KHNJ0W, the pinned drive of VM 101 (hostpci0);"
+            " hostpci0 of VM 100 has no pinned drive yet, and pvehook does not give another VM's"
+            " drive on trust") in out
+    assert host.driver_of(B) == "nvme"
+    assert "100" not in store(host)["vms"]

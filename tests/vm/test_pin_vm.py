@@ -4,8 +4,9 @@ moved), so the serials trade addresses. /var/lib/pvehook goes to /state at the e
 first boot and comes back at the start of the second, as a node's disk keeps it.
 
 Boot 1: VM 100 (hostpci0 = WD1's address) is pinned at its first start (trust on first
-use); VM 101 (SS2's address) with `pvehook pin 101 --accept`; VM 102 (`mapping=` of both
-addresses) at its first start, to WD1, the first free alternative. While VM 100 runs, its
+use); VM 101 (SS2's address) with `pvehook pin 101 --accept`. VM 102 (`mapping=` of both
+addresses) is refused at its first start: its first free alternative holds VM 100's
+pinned drive, which no VM gets on trust; `pvehook pin 102 --accept` pins WD1 for it too. While VM 100 runs, its
 controller is on vfio-pci: a second pre-start tells the drive from the identity recorded
 on nvme in this boot. The PCIe Device Serial Number reader is compared with lspci on the
 real config space of an e1000e (AER at 0x100, DSN after it) and of the NVMe (none).
@@ -59,6 +60,9 @@ run_hook b1_post100 100 post-stop
 fact b1_drv100_after "$(vm_driver $VM_BDF_WD1)"
 
 $PVEHOOK pin 101 --accept > /results/b1_accept101.log 2>&1; fact rc_b1_accept101 $?
+run_hook b1_pre102_trust 102 pre-start   # its first alternative holds VM 100's drive
+fact b1_drv102_trust "$(vm_driver $VM_BDF_WD1)"
+$PVEHOOK pin 102 --accept > /results/b1_accept102.log 2>&1; fact rc_b1_accept102 $?
 run_hook b1_pre102 102 pre-start
 fact b1_drv102 "$(vm_driver $VM_BDF_WD1)"
 run_hook b1_post102 102 post-stop
@@ -159,6 +163,12 @@ def test_swapped_slots_across_a_reboot(vm_workdir, tmp_path):
             " nvme") in log(res, "b1_pre100_vfio")
     assert f["b1_drv100_after"] == "nvme"
     assert f["rc_b1_accept101"] == "0", log(res, "b1_accept101")
+    assert f["rc_b1_pre102_trust"] == "18", log(res, "b1_pre102_trust")
+    assert ("the pinned drive of VM 100 (hostpci0); hostpci0 of VM 102 has no pinned drive yet,"
+            " and pvehook does not give another VM's drive on trust") in log(res, "b1_pre102_trust")
+    assert f["b1_drv102_trust"] == "nvme"
+    assert f["rc_b1_accept102"] == "0", log(res, "b1_accept102")
+    assert "also the pinned drive of VM 100 (hostpci0)" in log(res, "b1_accept102")
     assert f["rc_b1_pre102"] == "0" and f["b1_drv102"] == "vfio-pci", log(res, "b1_pre102")
     pin102 = json.loads((res.results_dir / "b1_pin102.json").read_text())
     assert pin102["pinned"][0]["identity"]["serial"] == "WD1"
