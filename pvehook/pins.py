@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 
 from . import identity
-from .errors import ConfigError, DriveMismatchError
+from .errors import ConfigError, DriveMismatchError, PvehookError
 from .pci import PciDevice
 
 STORE = "pins.json"
@@ -329,7 +329,7 @@ def _alternative_of(ctx, entry, address) -> int | None:
     try:
         alts = alternatives(entry, [d.address for d in PciDevice.all(ctx.root)],
                             load_pci_mappings(ctx.root), ctx.node)
-    except Exception:  # the mapping resolved a moment ago; a message only
+    except PvehookError:  # the mapping resolved a moment ago; this only words a message
         return None
     return next((i for i, alt in enumerate(alts, 1) if address in alt), None)
 
@@ -472,7 +472,9 @@ def doctor_findings(ctx, vmids: list[int]) -> list[tuple[str, str, str | None]]:
     for vmid in vmids:
         try:
             info = inspect_vm(ctx, vmid)
-        except Exception as e:  # a finding, never a crash of doctor
+        except (PvehookError, OSError) as e:  # a finding, never a crash of doctor
+            if isinstance(e, PermissionError):
+                raise
             out.append(("warn", f"VM {vmid}: cannot check its pinned drives: {e}", None))
             continue
         if not info["pinned"]:
