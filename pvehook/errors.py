@@ -141,3 +141,9 @@ class Refusals(PvehookError):
         super().__init__("; ".join(str(e) for e in errors))
         self.errors = errors
         self.exit_code = errors[0].exit_code
+
+
+class DriveMismatchError(PvehookError):
+    """The drive at a VM's address is not the one pinned for it, or cannot be shown to be."""
+
+    exit_code = codes.NOT_PINNED

@@ -25,6 +25,7 @@ GIVE_BACK = 14
 VOLUME = 15
 VM_BUSY = 16
 IMAGE_HEADER = 17
+NOT_PINNED = 18
 
 # (code, hook meaning, pvehook meaning)
 TABLE = (
@@ -69,6 +70,10 @@ TABLE = (
     (IMAGE_HEADER, None,
      "import-raw: the source starts with a disk-image or LUKS header (qemu-img would not"
      " copy it raw)"),
+    (NOT_PINNED, "a drive at a `hostpci` address is not the one pinned for the VM (or cannot be"
+                 " identified); nothing was moved",
+     "`check`: a drive is not the one pinned for the VM; `pin --accept`: a drive cannot be"
+     " identified"),
 )
 
 

@@ -24,6 +24,9 @@ def pre_start(ctx: Context, vmid: int) -> None:
                 from .assign import assign  # only now: moving devices needs rebind, lvm, waits
 
                 assign(ctx, plan)
+                from .pins import commit
+
+                commit(ctx, plan)  # pins a drive seen for the first time, once the start succeeded
     else:
         _report(plan)
 

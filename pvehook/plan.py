@@ -47,9 +47,11 @@ class Plan:
         self.bound: list[tuple[HostPci, tuple[PciAddress, ...]]] = []
         self.hostpci = False  # the VM starts with hostpci devices
         self._mappings: dict = {}
+        self.entries: dict = {}  # PciAddress -> the HostPci entry of each managed device
+        self.pins = None  # pins.PinCheck: the drives checked against the VM's pins
 
 
-def prepare(ctx: Context, vmid: int) -> Plan:
+def prepare(ctx: Context, vmid: int, volumes: bool = True) -> Plan:
     """What needs no lock: the config, its LVM volumes, qemu-server's own rules for its
     hostpci entries, and the devices every alternative may bind (`plan.candidates`).
     `choose` and `check` follow, under the candidates' locks in the hook, without them
@@ -59,9 +61,10 @@ def prepare(ctx: Context, vmid: int) -> Plan:
     config = VmConfig.load(ctx.root, vmid)
     plan = Plan(vmid)
     plan.config = config
-    lines, refusals = confirm_volumes(ctx, config)
-    plan.lines += lines
-    plan.refusals += refusals
+    if volumes:  # False: the devices only (`pvehook pin`)
+        lines, refusals = confirm_volumes(ctx, config)
+        plan.lines += lines
+        plan.refusals += refusals
     if not config.hostpci:
         plan.lines.append(f"VM {config.vmid} has no hostpci devices: nothing to do")
         return plan
@@ -129,6 +132,7 @@ def choose(ctx: Context, plan: Plan) -> None:
                     hint="start the VM again"))
             else:
                 plan.managed.append(dev)
+                plan.entries[addr] = entry
 
 
 def _via(entries: list[tuple[str, PciAddress]], but: PciAddress) -> str:
@@ -281,7 +285,9 @@ def check(ctx: Context, plan: Plan) -> None:
                  " kernel command line, then reboot"))
         return
     from .openers import Openers
+    from .pins import check_pins
 
+    check_pins(ctx, plan, plan.managed)  # first: "this is not your drive" comes before the rest
     holds = Holds(ctx.root, ctx.journal, plan.vmid)
     openers = Openers(ctx.root)  # one /proc scan for every device the start takes
     moving = check_groups(ctx, plan, holds, openers)

@@ -379,6 +379,96 @@ class FakeHost:
         """qemu-server's /run/qemu-server/<vmid>.pid of a running VM."""
         self.root.run("qemu-server", f"{vmid}.pid").write_text(f"{pid}\n")
 
+    # -- drive identity (issue 13): config space, nvme attributes, boots -------------------
+    # Added at the end of the class, wrapping add_pci and _create_controller, so the
+    # edits stay apart from the fake kernel's write logic above and below.
+    _add_pci_plain = add_pci
+    _create_controller_plain = _create_controller
+
+    def add_pci(self, addr: str, **kw) -> Path:
+        d = self._add_pci_plain(addr, **kw)
+        self._write_config(addr)
+        return d
+
+    def _write_config(self, addr: str) -> None:
+        """4 KiB of config space: the header's ids and class, then the extended
+        capabilities (PCIe base spec 7.9.3) given by set_dsn."""
+        d = self.device_dir(addr)
+        spec = self._spec(addr)
+        cfg = bytearray(4096)
+        cfg[0:2] = int((d / "vendor").read_text(), 16).to_bytes(2, "little")
+        cfg[2:4] = int((d / "device").read_text(), 16).to_bytes(2, "little")
+        cfg[9:12] = int((d / "class").read_text(), 16).to_bytes(3, "little")
+        dsn = spec.get("dsn")
+        if dsn is not None:
+            # an AER capability first, as on real drives, then the DSN at 0x148
+            cfg[0x100:0x104] = (0x0001 | 2 << 16 | 0x148 << 20).to_bytes(4, "little")
+            cfg[0x148:0x14C] = (0x0003 | 1 << 16).to_bytes(4, "little")
+            cfg[0x14C:0x154] = dsn.to_bytes(8, "little")
+        (d / "config").write_bytes(bytes(cfg))
+
+    def set_dsn(self, addr: str, dsn: int | None) -> None:
+        """Give the device a PCIe Device Serial Number capability (None: none)."""
+        spec = self._spec(addr)
+        spec["dsn"] = dsn
+        (self.fake / f"{addr}.json").write_text(json.dumps(spec))
+        self._write_config(addr)
+
+    def set_identity(self, addr: str, **ident) -> None:
+        """What the controller reports: model, firmware, subsysnqn; nguid/eui/uuid of its
+        namespaces (a list, one per namespace). Applied now and at every nvme probe."""
+        spec = self._spec(addr)
+        spec.setdefault("identity", {}).update(ident)
+        (self.fake / f"{addr}.json").write_text(json.dumps(spec))
+        ndir = self.device_dir(addr) / "nvme"
+        for cdir in ndir.iterdir() if ndir.is_dir() else []:
+            self._write_identity(cdir, spec)
+
+    def _create_controller(self, addr: str, d: Path, spec: dict) -> None:
+        self._create_controller_plain(addr, d, spec)
+        for cdir in (d / "nvme").iterdir():
+            self._write_identity(cdir, spec)
+
+    def _write_identity(self, cdir: Path, spec: dict) -> None:
+        ident = spec.get("identity", {})
+        (cdir / "model").write_text(ident.get("model", "QEMU NVMe Ctrl") + "\n")
+        (cdir / "firmware_rev").write_text(ident.get("firmware", "1.0") + "\n")
+        (cdir / "subsysnqn").write_text(
+            ident.get("subsysnqn", f"nqn.2019-08.org.qemu:{spec['serial']}") + "\n")
+        for ns in sorted(p for p in cdir.iterdir() if (p / "wwid").exists()):
+            i = int(ns.name.rsplit("n", 1)[1])
+            (ns / "nsid").write_text(f"{i}\n")
+            for name in ("nguid", "eui", "uuid"):
+                values = ident.get(name) or []
+                if i <= len(values) and values[i - 1]:
+                    (ns / name).write_text(values[i - 1] + "\n")
+
+    def boot(self, boot_id: str) -> None:
+        """/proc/sys/kernel/random/boot_id: a new value is a new boot."""
+        p = self.root.proc("sys/kernel/random/boot_id")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(boot_id + "\n")
+
+    def renumber(self, a: str, b: str, boot_id: str = "after-renumbering") -> None:
+        """A reboot after which the drives at `a` and `b` trade addresses (a BIOS update,
+        a card moved): serials, namespaces, identities and DSNs swap, drivers stay."""
+        with self._kernel_lock():
+            bound = {x: self.driver_of(x) for x in (a, b)}
+            for x in (a, b):
+                if bound[x] == "nvme":
+                    self._remove_controller(self.device_dir(x))
+            sa, sb = self._spec(a), self._spec(b)
+            for k in ("serial", "namespaces", "identity", "dsn"):
+                sa[k], sb[k] = sb.get(k), sa.get(k)
+            for x, spec in ((a, sa), (b, sb)):
+                spec = {k: v for k, v in spec.items() if v is not None}
+                (self.fake / f"{x}.json").write_text(json.dumps(spec))
+                self._write_config(x)
+            for x in (a, b):
+                if bound[x] == "nvme":
+                    self._create_controller(x, self.device_dir(x), self._spec(x))
+        self.boot(boot_id)
+
 
 class FakeKernel(Kernel):
     """Performs writes on a FakeHost tree the way the kernel reacts to them."""

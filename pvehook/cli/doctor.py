@@ -15,6 +15,7 @@ from ..context import Context
 from ..errors import ConfigError, NodeNotReadyError, PvehookError
 from ..paths import HOOK_PATH, Root
 from ..pci import PciDevice
+from ..pins import doctor_findings
 from ..storagecfg import DIR_TYPES, load_storage_cfg
 from .configs import SNIPPET_NAME, context, read_or_none, registered_vms
 from .entry import cli, emit_json, json_option
@@ -172,6 +173,9 @@ def doctor_data(ctx: Context) -> list[dict]:
                                 " node: the VM cannot start", f"pvehook register {vmid}"))
         else:
             out.append(_finding("registered", "ok", f"VM {vmid}: {volid} ({path})"))
+    local = [vmid for vmid, node, _volid in registered_vms(root) if node == ctx.node]
+    for status, message, fix in doctor_findings(ctx, local):
+        out.append(_finding("pins", status, message, fix))
     out.append(_finding("version", "info", f"pvehook {__version__}; snippet name {SNIPPET_NAME}"))
     return out
 

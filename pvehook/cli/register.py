@@ -53,12 +53,14 @@ class Outcome:
     done: list[dict] = field(default_factory=list)  # {vmid, node, action, old}
     warnings: list[str] = field(default_factory=list)
     error: PvehookError | None = None
+    pins: list[str] = field(default_factory=list)  # what register pinned
 
     def as_dict(self) -> dict:
         return {"storage": self.storage, "snippet": self.snippet,
                 "snippet_written": self.snippet_written,
                 "snippets_enabled": self.content_enabled, "vms": self.done,
-                "warnings": self.warnings, "error": str(self.error) if self.error else None}
+                "warnings": self.warnings, "error": str(self.error) if self.error else None,
+                "pins": self.pins}
 
 
 def choose_storage(storages: list[StorageInfo], node: str, wanted: str | None,
@@ -143,8 +145,36 @@ def register_vms(pve: Pve, root, vmids: list[int], local_node: str, storage: str
     except PvehookError as e:
         out.error = e
         return out
+    _pin_registered(root, local_node, [vm for vm, _conf in targets], out)
     out.warnings.extend(snippet_gaps(pve, storages, local_node, registered_vms(root)))
     return out
+
+
+def _pin_registered(root, local_node: str, vms: list[Vm], out: Outcome) -> None:
+    """Pin the drives of the registered VMs of this node whose entries have no pin yet;
+    pins are node-local, so VMs elsewhere are pinned at their first start there."""
+    from ..context import Context
+    from ..pins import pin_new
+
+    ctx = Context(root=root, node=local_node)
+    for vm in vms:
+        if vm.node != local_node:
+            out.pins.append(f"VM {vm.vmid} on {vm.node}: its drives are pinned at its first"
+                            f" start there (pins are node-local)")
+            continue
+        try:
+            done = pin_new(ctx, vm.vmid, "register")
+        except (PvehookError, OSError) as e:
+            out.warnings.append(f"VM {vm.vmid}: drives not pinned now ({e}); they are pinned"
+                                " at its first start")
+            continue
+        for d in done:
+            if "skipped" in d:
+                out.pins.append(f"VM {vm.vmid} {d['key']}: {d['address']} not pinned now"
+                                f" ({d['skipped']}); pinned at its first start")
+            else:
+                out.pins.append(f"VM {vm.vmid} {d['key']}: pinned {d['description']} at"
+                                f" {d['address']}")
 
 
 def unregister_vms(pve: Pve, vmids: list[int]) -> Outcome:
@@ -213,6 +243,8 @@ def print_outcome(out, as_json: bool, verb: str) -> int:
         for d in out.done:
             extra = f" (was {d['old']})" if d["action"] == "registered" and d["old"] else ""
             click.echo(f"VM {d['vmid']} on {d['node']}: {d['action']}{extra}")
+        for line in out.pins:
+            click.echo(line)
         for w in out.warnings:
             click.echo(f"pvehook: warning: {w}", err=True)
     if out.error is None:

@@ -18,6 +18,7 @@ from ..mapping import load_pci_mappings
 from ..openers import Openers
 from ..paths import Root
 from ..pci import PciAddress, PciDevice
+from ..pins import PinStore, boot_id, drive_report, inspect_vm
 from ..resolve import alternatives
 from ..storagecfg import load_storage_cfg, lvm_volume
 from ..units import human_size
@@ -67,6 +68,7 @@ def list_data(ctx: Context) -> list[dict]:
             else:
                 dev["why"] = f"on node {node}: see `pvehook status` there"
             item["devices"].append(dev)
+        item["pins"] = _list_pins(ctx, vmid) if node == ctx.node else []
         for disk in conf.disks:
             try:
                 vol = lvm_volume(storages, disk)
@@ -78,6 +80,25 @@ def list_data(ctx: Context) -> list[dict]:
                                           "lv": vol.dev_path, "thin": vol.thinpool is not None})
         out.append(item)
     return out
+
+
+def _list_pins(ctx: Context, vmid: int) -> list[dict]:
+    """The VM's pinned drives and where they are now."""
+    try:
+        info = inspect_vm(ctx, vmid)
+    except (PvehookError, PermissionError):
+        return []
+    return [{k: p[k] for k in ("key", "description", "identity", "pinned_at", "now_at", "state")}
+            for p in info["pinned"]]
+
+
+def _pins(root: Root) -> tuple[dict, str | None]:
+    """The pin store (empty where it cannot be read: not root) and this boot's id."""
+    try:
+        data = PinStore(root).load()
+    except PermissionError:
+        data = {"vms": {}, "seen": {}}
+    return data, boot_id(root)
 
 
 def _ctrl_attr(dev: PciDevice, name: str) -> str | None:
@@ -133,6 +154,7 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
     naming = vms_naming(ctx)
     holds = Holds(root, ctx.journal, -1)
     openers = Openers(root)  # one /proc scan for every namespace
+    pins_data, boot = _pins(root)
     if vmid is not None:
         VmConfig.load(root, vmid)  # a clear error when the VM is not on this node
     out = []
@@ -146,6 +168,7 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
                 "driver": dev.driver, "driver_override": dev.driver_override,
                 **group_verdict(root, dev), "namespaces": [],
                 "vms": naming.get(dev.address, []), "held_by": holds.holder(dev.address)}
+        item.update(drive_report(ctx, dev, pins_data, boot))
         if dev.driver:
             for disk in namespaces(dev):
                 ns = {"name": disk.name, "size_bytes": None, "host_use": [], "notes": []}
@@ -205,6 +228,7 @@ def check_data(ctx: Context, vmid: int) -> dict:
                            for s in plan.steps] if not plan.refusals else [],
             "stays": [str(s.device.address) for s in plan.stays] if not plan.refusals else [],
             "hookscript": config.hookscript, "registered": is_ours(config.hookscript),
+            "pins": plan.pins.results if plan.pins is not None else [],
             "exit_code": code}
 
 
@@ -230,6 +254,9 @@ def list_(cctx, as_json):
         for disk in vm["lvm_disks"]:
             click.echo(f"  {disk['key']}: {disk['volume']} = {disk['lv']}"
                        f" ({'thin' if disk['thin'] else 'thick'} LVM)")
+        for p in vm.get("pins", []):
+            where = ", ".join(p["now_at"]) or "not on this node"
+            click.echo(f"  {p['key']} pinned: {p['description']}: {p['state']} ({where})")
         for err in vm["errors"]:
             click.echo(f"  error: {err}")
     cctx.exit(0)
@@ -265,7 +292,25 @@ def status(cctx, vmid, as_json):
             click.echo("  no namespaces visible" + (" (not on nvme)" if c["driver"] != "nvme" else ""))
         vms = ", ".join(map(str, c["vms"])) or "none"
         click.echo(f"  named by VM: {vms}; held by: {c['held_by'] or 'nobody'}")
+        click.echo(f"  drive: {_identity_line(c)}")
     cctx.exit(0)
+
+
+def _identity_line(c: dict) -> str:
+    from ..identity import describe
+
+    ident, source = c.get("identity"), c.get("identity_source")
+    if ident is None:
+        return "cannot be identified (not on nvme, no PCIe Device Serial Number)"
+    parts = [describe(ident)]
+    if ident.get("firmware"):
+        parts.append(f"firmware {ident['firmware']}")
+    if ident.get("dsn"):
+        parts.append(f"DSN {ident['dsn']}")
+    how = {"nvme": "", "dsn": " (by its PCIe Device Serial Number)",
+           "recorded": " (as recorded when it was last on nvme)"}.get(source, "")
+    pinned = ", ".join(c.get("pinned_for") or []) or "no VM"
+    return ", ".join(parts) + how + f"; pinned for {pinned}"
 
 
 @cli.command(epilog="\b\nExample:\n  pvehook iommu --json")

@@ -72,7 +72,7 @@ def test_any_process_holding_a_partition_refuses(host, hook):
     code, out = hook(101, "pre-start")
     assert code == 11, out
     assert "nvme0n1p1 is open by pid 555 (dd)" in out
-    assert "QEMU" not in out
+    assert "the QEMU of" not in out  # a dd, not a VM's QEMU
     unchanged(host)
 
 
