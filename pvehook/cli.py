@@ -178,6 +178,8 @@ def list_(as_json):
         for disk in vm["lvm_disks"]:
             click.echo(f"  {disk['key']}: {disk['volume']} = {disk['lv']}"
                        f" ({'thin' if disk['thin'] else 'thick'} LVM)")
+        if vm.get("reserved"):
+            click.echo(f"  reserved: {', '.join(vm['reserved'])} (on vfio-pci from boot on)")
         for err in vm["errors"]:
             click.echo(f"  error: {err}")
     return 0
@@ -223,6 +225,9 @@ def status(vmid, as_json):
             click.echo("  no namespaces visible" + (" (not on nvme)" if c["driver"] != "nvme" else ""))
         vms = ", ".join(map(str, c["vms"])) or "none"
         click.echo(f"  named by VM: {vms}; held by: {c['held_by'] or 'nobody'}")
+        if c.get("reserved_for"):
+            click.echo(f"  reserved for VM {', '.join(map(str, c['reserved_for']))}:"
+                       " on vfio-pci from boot on")
     return 0
 
 
@@ -304,6 +309,54 @@ def doctor(as_json):
 
 
 # -- import-raw ------------------------------------------------------------------------------
+
+# -- reserve / unreserve (the guest's storage, from boot on) --------------------------------
+
+@cli.command(epilog="""\b
+Examples:
+  pvehook reserve 100
+  pvehook status 100""")
+@click.argument("vmid", type=VMID, shell_complete=_vmid_completion)
+@json_option
+def reserve(vmid, as_json):
+    """Keep a VM's NVMe controllers on vfio-pci, from boot on.
+
+    After the checks pre-start makes, binds the VM's controllers to vfio-pci now and
+    lists their PCI addresses in /var/lib/pvehook/reserved: at every boot they go to
+    vfio-pci before the host's nvme driver binds them (also from the initramfs), so the
+    host never sees their disks. Exits as the hook would refuse (10, 11, 12, 13).
+    """
+    from .pve import require_root
+    from .report import context
+    from .reserve import reserve as do_reserve
+
+    require_root()
+    lines: list[str] = []
+    say = lines.append if as_json else click.echo
+    addrs = do_reserve(context(), vmid, say)
+    if as_json:
+        _emit_json({"vmid": vmid, "reserved": addrs, "lines": lines})
+    return 0
+
+
+@cli.command(epilog="\b\nExample:\n  pvehook unreserve 100")
+@click.argument("vmid", type=VMID, shell_complete=_vmid_completion)
+@json_option
+def unreserve(vmid, as_json):
+    """Undo `pvehook reserve`: the controllers go back to nvme (now if the VM is
+    stopped, at its post-stop if it runs) and the host sees their disks again."""
+    from .pve import require_root
+    from .report import context
+    from .reserve import unreserve as do_unreserve
+
+    require_root()
+    lines: list[str] = []
+    say = lines.append if as_json else click.echo
+    addrs = do_unreserve(context(), vmid, say)
+    if as_json:
+        _emit_json({"vmid": vmid, "unreserved": addrs, "lines": lines})
+    return 0
+
 
 @cli.command("import-raw", epilog="""\b
 Examples:

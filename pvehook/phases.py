@@ -14,6 +14,7 @@ def pre_start(ctx: Context, vmid: int) -> None:
     plan, managed, passed = prepare(ctx, vmid)
     if not plan.refusals and managed:
         with device_locks(ctx.root, [str(d.address) for d in managed], ctx.timeouts.lock):
+            _guest_storage(ctx, vmid, managed)
             check(ctx, plan, managed, passed)
             _report(plan)
             from .assign import assign  # only now: moving devices needs rebind, lvm, waits
@@ -21,6 +22,27 @@ def pre_start(ctx: Context, vmid: int) -> None:
             assign(ctx, plan)
     else:
         _report(plan)
+
+
+def _guest_storage(ctx: Context, vmid: int, managed) -> None:
+    """List the VM's controllers for the package's udev rule (from now on, the host
+    leaves their LVM/md alone, also after a reboot), then deactivate what the host
+    activated on them anyway and nobody uses (pvehook.autoactivated)."""
+    from . import guestlist
+    from .autoactivated import release
+
+    try:
+        guestlist.set_vm(ctx.root, guestlist.GUEST, vmid, {str(d.address) for d in managed})
+    except OSError as e:
+        log.warning("cannot list the VM's controllers in %s: %s; the host may activate"
+                    " the guest's LVM/md after the next reboot", ctx.root.lib_dir, e)
+    lines: list[str] = []
+    try:
+        release(ctx.root, managed, lines)
+    except Exception as e:  # the host-use check still refuses what stays active
+        log.warning("could not check the guest's storage the host activated: %s", e)
+    for line in lines:
+        log.info("%s", line)
 
 
 def _report(plan) -> None:

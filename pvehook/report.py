@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from . import __version__, iommu
+from . import guestlist
 from .block import controller_serial, namespaces
 from .context import Context, node_name
 from .errors import ConfigError, PvehookError
@@ -107,7 +108,9 @@ def list_data(ctx: Context) -> list[dict]:
             continue
         item = {"vmid": vmid, "node": node, "hookscript": conf.hookscript,
                 "running": vm_running(root, vmid) if node == ctx.node else None,
-                "devices": [], "lvm_disks": [], "errors": []}
+                "devices": [], "lvm_disks": [], "errors": [],
+                "reserved": sorted(guestlist.addresses_of(root, guestlist.RESERVED, vmid))
+                if node == ctx.node else []}
         for entry in conf.hostpci:
             dev = {"key": entry.key, "config": _entry_text(entry), "managed": None,
                    "addresses": [], "why": None}
@@ -204,6 +207,7 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
     root = ctx.root
     naming = vms_naming(ctx)
     holds = Holds(root, ctx.journal, -1)
+    reserved = guestlist.read(root, guestlist.RESERVED)
     if vmid is not None:
         VmConfig.load(root, vmid)  # a clear error when the VM is not on this node
     out = []
@@ -216,7 +220,8 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
                 "model": _ctrl_attr(dev, "model"), "serial": controller_serial(dev),
                 "driver": dev.driver, "driver_override": dev.driver_override,
                 **group_verdict(root, dev), "namespaces": [],
-                "vms": naming.get(dev.address, []), "held_by": holds.holder(dev.address)}
+                "vms": naming.get(dev.address, []), "held_by": holds.holder(dev.address),
+                "reserved_for": sorted(reserved.get(str(dev.address), set()))}
         if dev.driver:
             for disk in namespaces(dev):
                 ns = {"name": disk.name, "size_bytes": None, "host_use": [], "notes": []}
