@@ -19,9 +19,9 @@ from pvehook.reserve import reserve, reserved_by_vm, unreserve
 A, B, C = "0000:01:00.0", "0000:02:00.0", "0000:03:00.0"
 
 
-def nvme(host, addr, group):
+def nvme(host, addr, group, partitions=1):
     return host.add_pci(addr, group=group, serial=f"S-{addr}",
-                        namespaces=[FakeNamespace(partitions=1)])
+                        namespaces=[FakeNamespace(partitions=partitions)])
 
 
 def listed(host, kind):
@@ -116,3 +116,138 @@ def test_unreserve_gives_back_a_stopped_vms_controller(host, ctx):
     assert listed(host, "reserved") == []
     assert listed(host, "guest") == [A]  # still the guest's disk: LVM stays off it
     assert unreserve(ctx, 100, lines.append) == []
+
+
+# -- pre-start's safety net and the VG name clash, against stand-in lvm2 and mdadm --------
+
+BIN = os.path.join(os.path.dirname(__file__), "bin_storage")
+
+
+class Storage:
+    """The stand-in lvm2's state (tests/unit/bin_storage/lvm) plus the dm/md holders the
+    kernel would show in the fake tree."""
+
+    def __init__(self, host, tmp_path, monkeypatch):
+        self.host = host
+        self.path = tmp_path / "lvm.json"
+        self.mdlog = tmp_path / "mdadm.log"
+        self.state = {"pvs": [], "lvs": []}
+        self.minor = 0
+        monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("PVEHOOK_ROOT", str(host.base))
+        monkeypatch.setenv("PVEHOOK_FAKE_LVM_STATE", str(self.path))
+        monkeypatch.setenv("PVEHOOK_FAKE_MDADM_LOG", str(self.mdlog))
+        self.save()
+
+    def save(self):
+        self.path.write_text(json.dumps(self.state))
+
+    def vg(self, name, uuid, pvs, active=True, lv_open=False):
+        """A VG with one LV `lv` on `pvs` (kernel names); active: its dm device holds them."""
+        dm = f"dm-{self.minor}"
+        self.minor += 1
+        for pv in pvs:
+            self.state["pvs"].append({"pv_name": f"/dev/{pv}", "vg_name": name, "vg_uuid": uuid})
+            if active:
+                self.host.hold(pv, holder=dm, dm_name=f"{name}-lv", uuid=f"LVM-{uuid}")
+        self.state["lvs"].append({"vg_uuid": uuid, "lv_name": "lv", "dm": dm,
+                                  "lv_active": "active" if active else "",
+                                  "lv_device_open": "open" if lv_open else ""})
+        self.save()
+
+    def md(self, name, members):
+        root = self.host.root
+        d = root.sys("devices", "virtual", "block", name)
+        (d / "holders").mkdir(parents=True)
+        (d / "slaves").mkdir()
+        (d / "dev").write_text(f"9:{self.minor}\n")
+        self.minor += 1
+        root.sys("class", "block").mkdir(parents=True, exist_ok=True)
+        root.sys("class", "block", name).symlink_to(d)
+        for m in members:
+            (d / "slaves" / m).symlink_to(self.host.block(m))
+            (self.host.block(m) / "holders" / name).symlink_to(d)
+
+    def active(self):
+        return sorted(lv["vg_uuid"] for lv in json.loads(self.path.read_text())["lvs"]
+                      if lv["lv_active"] == "active")
+
+
+@pytest.fixture
+def storage(host, tmp_path, monkeypatch):
+    nvme(host, A, 1, partitions=2)
+    nvme(host, B, 2)
+    return Storage(host, tmp_path, monkeypatch)
+
+
+def test_safety_net_deactivates_an_unused_guest_vg(host, hook, storage):
+    p1 = host.namespaces_of(A)[1]
+    storage.vg("guestvg", "U1", [p1])
+    host.vm_config(100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 0, out
+    assert f"deactivated volume group guestvg on {p1}" in out
+    assert storage.active() == []
+    assert host.driver_of(A) == "vfio-pci"
+
+
+def test_safety_net_leaves_an_open_lv_and_the_start_is_refused(host, hook, storage):
+    p1 = host.namespaces_of(A)[1]
+    storage.vg("guestvg", "U1", [p1], lv_open=True)
+    host.vm_config(100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == InUseError.exit_code, out
+    assert "volume group guestvg" in out and "is in use on the host (open: lv)" in out
+    assert storage.active() == ["U1"]
+    assert host.driver_of(A) == "nvme"
+
+
+def test_safety_net_leaves_a_vg_with_pvs_outside_the_vm(host, hook, storage):
+    a1, b1 = host.namespaces_of(A)[1], host.namespaces_of(B)[1]
+    storage.vg("spanning", "U1", [a1, b1])
+    host.vm_config(100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == InUseError.exit_code, out
+    assert f"also has PVs on {b1}, which this VM is not given" in out
+    assert storage.active() == ["U1"]
+    # Passed both controllers, the VG lies wholly on the VM's disks: deactivated.
+    host.vm_config(100, f"hostpci0: {A}\nhostpci1: {B}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 0, out
+    assert storage.active() == []
+
+
+def test_safety_net_stops_an_unused_md_array(host, hook, storage):
+    _disk, p1, p2 = host.namespaces_of(A)
+    storage.md("md0", [p1, p2])
+    host.vm_config(100, f"hostpci0: {A}\n")
+    host.mount("md0", "/srv")
+    code, out = hook(100, "pre-start")
+    assert code == InUseError.exit_code, out
+    assert "md array md0 is in use on the host (md0 mounted or swap)" in out
+    assert not storage.mdlog.exists()
+    host.root.proc("self", "mountinfo").write_text("")
+    code, out = hook(100, "pre-start")
+    assert code == 0, out
+    assert f"stopped md array md0 on {p1}, {p2}" in out
+    assert storage.mdlog.read_text() == "stop md0\n"
+
+
+def test_vg_name_clash_is_found_and_deactivation_goes_by_uuid(host, storage):
+    from pvehook.block import namespaces
+    from pvehook.lvm import deactivate_guest_vgs, name_clashes
+    from pvehook.pci import PciAddress, PciDevice
+
+    _disk, p1, p2 = host.namespaces_of(A)
+    for p in (p1, p2):  # what blkid tells udev
+        data = host.root.run("udev", "data", f"b{host.devnum(p)}")
+        data.write_text(data.read_text() + "E:ID_FS_TYPE=LVM2_member\n")
+    storage.state["pvs"].append({"pv_name": "/dev/vda", "vg_name": "pve", "vg_uuid": "H0"})
+    storage.state["lvs"].append({"vg_uuid": "H0", "lv_name": "root", "dm": "dm-9",
+                                 "lv_active": "active", "lv_device_open": "open"})
+    storage.vg("pve", "G1", [p1])
+    storage.vg("guestvg", "G2", [p2], active=False)
+    disks = namespaces(PciDevice(host.root, PciAddress.parse(A)))
+    assert name_clashes(disks) == [("pve", ["/dev/vda"])]
+    assert deactivate_guest_vgs(host.root, disks) == ["pve"]
+    assert storage.active() == ["H0"]  # the host's own pve untouched
