@@ -139,6 +139,9 @@ def register(vmids, storage, enable_snippets, force, as_json):
     ctx = context()
     out = do_register(pve, ctx.root, list(dict.fromkeys(vmids)), ctx.node, storage,
                       enable_snippets, force)
+    from .reserve import list_guest_controllers
+
+    list_guest_controllers(ctx, [d["vmid"] for d in out.done if d["action"] == "registered"])
     return _print_outcome(out, as_json, "registered")
 
 
@@ -225,6 +228,11 @@ def status(vmid, as_json):
             click.echo("  no namespaces visible" + (" (not on nvme)" if c["driver"] != "nvme" else ""))
         vms = ", ".join(map(str, c["vms"])) or "none"
         click.echo(f"  named by VM: {vms}; held by: {c['held_by'] or 'nobody'}")
+        for clash in c.get("vg_name_clashes", []):
+            click.echo(f"  warning: its volume group {clash['vg']!r} has the name of the host's"
+                       f" on {', '.join(clash['other_pvs'])}: LVM commands naming"
+                       f" {clash['vg']!r} refuse while this disk is on the host; `pvehook"
+                       f" reserve <vmid>` keeps it on vfio-pci")
         if c.get("reserved_for"):
             click.echo(f"  reserved for VM {', '.join(map(str, c['reserved_for']))}:"
                        " on vfio-pci from boot on")

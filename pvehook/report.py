@@ -235,8 +235,22 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
                         raise
                     ns["notes"].append(f"cannot check: {e.strerror or e}")
                 item["namespaces"].append(ns)
+            item["vg_name_clashes"] = _vg_name_clashes(namespaces(dev))
         out.append(item)
     return out
+
+
+def _vg_name_clashes(disks) -> list[dict]:
+    """Volume groups on these disks named like another VG of the host (see
+    pvehook.lvm.name_clashes); empty when lvm cannot be run or fails."""
+    import subprocess
+
+    from .lvm import name_clashes
+
+    try:
+        return [{"vg": name, "other_pvs": others} for name, others in name_clashes(disks)]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return []
 
 
 # -- iommu -------------------------------------------------------------------------------

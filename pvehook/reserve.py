@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import guestlist, rebind
 from .context import Context
-from .errors import BindError, ConfigError, Refusals
+from .errors import BindError, ConfigError, PvehookError, Refusals
 from .holds import Holds, vm_running
 from .iommu import VFIO
 from .journal import device_locks
@@ -159,6 +159,20 @@ def unreserve(ctx: Context, vmid: int, say=print) -> list[str]:
                                          f" run `pvehook unreserve {vmid}` again")
     update_initramfs(ctx, say)
     return sorted(addresses)
+
+
+def list_guest_controllers(ctx: Context, vmids: list[int]) -> None:
+    """At `pvehook register`: list the NVMe controllers of these VMs of this node for the
+    udev rule, so the host leaves their LVM/md alone from the next boot on, before the
+    VM's first start (pre-start lists them too). Best effort: a VM of another node, a
+    config that does not resolve, are left to pre-start."""
+    for vmid in vmids:
+        try:
+            config = VmConfig.load(ctx.root, vmid)
+            managed, _passed = resolve(ctx, config, Plan(vmid))
+            guestlist.set_vm(ctx.root, guestlist.GUEST, vmid, {str(d.address) for d in managed})
+        except (OSError, PvehookError):
+            continue
 
 
 def reserved_by_vm(ctx: Context) -> dict[int, list[str]]:

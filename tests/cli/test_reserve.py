@@ -72,3 +72,13 @@ def test_status_and_list_show_the_reservation(node, cli):
     code, out, err = cli("list", "--json")
     assert code == 0, err
     assert json.loads(out)[0]["reserved"] == [A]
+
+
+def test_register_lists_the_vms_controllers_for_boot(cluster, cli, host):
+    nvme(host)
+    nvme(host, "0000:02:00.0", group=2)
+    cluster.vm(100, f"memory: 2048\nhostpci0: {A}\n")
+    code, _out, err = cli("register", 100, "--enable-snippets", "local")
+    assert code == 0, err
+    assert sorted(os.listdir(host.root.lib_dir / "guest")) == [A]
+    assert (host.root.lib_dir / "guest" / A).read_text() == "100\n"

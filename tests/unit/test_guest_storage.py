@@ -251,3 +251,22 @@ def test_vg_name_clash_is_found_and_deactivation_goes_by_uuid(host, storage):
     assert name_clashes(disks) == [("pve", ["/dev/vda"])]
     assert deactivate_guest_vgs(host.root, disks) == ["pve"]
     assert storage.active() == ["H0"]  # the host's own pve untouched
+
+
+def test_status_warns_of_a_vg_name_clash(host, storage, monkeypatch, capsys):
+    from pvehook.cli import main
+
+    _disk, p1, _p2 = host.namespaces_of(A)
+    data = host.root.run("udev", "data", f"b{host.devnum(p1)}")
+    data.write_text(data.read_text() + "E:ID_FS_TYPE=LVM2_member\n")
+    storage.state["pvs"].append({"pv_name": "/dev/vda", "vg_name": "pve", "vg_uuid": "H0"})
+    storage.vg("pve", "G1", [p1], active=False)
+    with pytest.raises(SystemExit) as e:
+        main(["status", "--json"])
+    assert e.value.code == 0
+    data = {c["address"]: c for c in json.loads(capsys.readouterr().out)}
+    assert data[A]["vg_name_clashes"] == [{"vg": "pve", "other_pvs": ["/dev/vda"]}]
+    assert data[B]["vg_name_clashes"] == []
+    with pytest.raises(SystemExit):
+        main(["status"])
+    assert "its volume group 'pve' has the name of the host's on /dev/vda" in capsys.readouterr().out
