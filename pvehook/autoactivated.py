@@ -24,23 +24,31 @@ def _members(disks: list[BlockDevice]) -> dict[str, BlockDevice]:
     return {b.name: b for d in disks for b in (d, *d.partitions())}
 
 
-def release(root: Root, vm_devices: list[PciDevice], lines: list[str]) -> None:
+def release(root: Root, vm_devices: list[PciDevice], lines: list[str],
+            apply: bool = True) -> set[str]:
     """Deactivate what the host activated on these controllers' disks and nobody uses;
-    append one line per decision to `lines`."""
+    append one line per decision to `lines`. Returns the names of the holders (dm-N,
+    mdN) that go (with apply=False, `pvehook check`: would go)."""
     per_dev = [(dev, namespaces(dev)) for dev in vm_devices if dev.driver == "nvme"]
     members = _members([d for _, disks in per_dev for d in disks])
     held = {n: b.holders() for n, b in members.items()}
+    gone: set[str] = set()
     if not any(held.values()):
-        return
-    dm = any(h.dm_uuid and h.dm_uuid.startswith("LVM-") for hs in held.values() for h in hs)
+        return gone
+    dm = [h for hs in held.values() for h in hs if h.dm_uuid and h.dm_uuid.startswith("LVM-")]
     if dm:
-        _release_lvm(root, members, lines)
+        for uuid in _release_lvm(root, members, lines, apply):
+            # device-mapper's uuid of an LV: "LVM-" + the VG's uuid without dashes + the LV's
+            prefix = "LVM-" + uuid.replace("-", "")
+            gone |= {h.name for h in dm if h.dm_uuid.startswith(prefix)}
     md = {h.name: h for hs in held.values() for h in hs if h.name.startswith("md")}
     if md:
-        _release_md(root, members, md, lines)
+        gone |= _release_md(root, members, md, lines, apply)
+    return gone
 
 
-def _release_lvm(root: Root, members: dict[str, BlockDevice], lines: list[str]) -> None:
+def _release_lvm(root: Root, members: dict[str, BlockDevice], lines: list[str],
+                 apply: bool) -> list[str]:
     from . import lvm
 
     pvs = lvm.report("pvs", "pv_name,vg_name,vg_uuid")
@@ -50,6 +58,7 @@ def _release_lvm(root: Root, members: dict[str, BlockDevice], lines: list[str]) 
         if r.get("vg_uuid"):
             by_vg.setdefault(r["vg_uuid"], []).append(lvm.pv_kernel_name(r["pv_name"]))
             names[r["vg_uuid"]] = r["vg_name"]
+    released = []
     for uuid, pv_names in sorted(by_vg.items()):
         ours = [p for p in pv_names if p in members]
         if not ours:
@@ -68,18 +77,23 @@ def _release_lvm(root: Root, members: dict[str, BlockDevice], lines: list[str]) 
             lines.append(f"volume group {vg} (on {', '.join(sorted(ours))}) is in use on the host"
                          f" (open: {', '.join(opened)}): left as it is")
         else:
-            lvm.run(["lvm", "vgchange", "--activate", "n", "--select", f"vg_uuid={uuid}"])
-            lines.append(f"deactivated volume group {vg} on {', '.join(sorted(ours))}: the"
-                         " guest's own, activated by the host, not in use on the host")
+            if apply:
+                lvm.run(["lvm", "vgchange", "--activate", "n", "--select", f"vg_uuid={uuid}"])
+            lines.append(f"{'deactivated' if apply else 'would deactivate'} volume group {vg}"
+                         f" on {', '.join(sorted(ours))}: the guest's own, activated by the"
+                         " host, not in use on the host")
+            released.append(uuid)
+    return released
 
 
 def _release_md(root: Root, members: dict[str, BlockDevice], arrays: dict[str, BlockDevice],
-                lines: list[str]) -> None:
+                lines: list[str], apply: bool) -> set[str]:
     import shutil  # only here: the hook's normal start does not need it
 
     mdadm = shutil.which("mdadm")
     mounted = {m.devnum for m in mounts(root)}
     swap = swaps(root)
+    stopped: set[str] = set()
     for name, md in sorted(arrays.items()):
         slaves = md.slaves()
         outside = sorted(s for s in slaves if s not in members)
@@ -96,8 +110,12 @@ def _release_md(root: Root, members: dict[str, BlockDevice], arrays: dict[str, B
             lines.append(f"md array {name} is assembled on the host and mdadm is not installed:"
                          " left as it is")
         else:
-            from . import lvm
+            if apply:
+                from . import lvm
 
-            lvm.run([mdadm, "--stop", f"/dev/{name}"])
-            lines.append(f"stopped md array {name} on {', '.join(slaves)}: the guest's own,"
-                         " assembled by the host, not in use on the host")
+                lvm.run([mdadm, "--stop", f"/dev/{name}"])
+            lines.append(f"{'stopped' if apply else 'would stop'} md array {name} on"
+                         f" {', '.join(slaves)}: the guest's own, assembled by the host, not"
+                         " in use on the host")
+            stopped.add(name)
+    return stopped

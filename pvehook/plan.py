@@ -77,7 +77,7 @@ def resolve(ctx: Context, config: VmConfig, plan: Plan) -> tuple[list[PciDevice]
 
 
 def check_device(ctx: Context, dev: PciDevice, passed: set[PciAddress], holds: Holds,
-                 plan: Plan) -> None:
+                 plan: Plan, ignore: frozenset[str] = frozenset()) -> None:
     """Append the device's refusals, or its step, to the plan."""
     addr = dev.address
     refused = len(plan.refusals)
@@ -107,7 +107,7 @@ def check_device(ctx: Context, dev: PciDevice, passed: set[PciAddress], holds: H
     driver = dev.driver
     disks = namespaces(dev) if driver else []
     if disks:
-        use = host_use(ctx.root, ctx.kernel, disks)
+        use = host_use(ctx.root, ctx.kernel, disks, ignore)
         if use.in_use:
             plan.refusals.append(InUseError(
                 f"{addr}: the host uses this disk: " + "; ".join(use.reasons),
@@ -134,11 +134,12 @@ def check_device(ctx: Context, dev: PciDevice, passed: set[PciAddress], holds: H
         plan.steps.append(Step(dev, driver, len(disks)))
 
 
-def check(ctx: Context, plan: Plan, managed: list[PciDevice], passed: set[PciAddress]) -> None:
+def check(ctx: Context, plan: Plan, managed: list[PciDevice], passed: set[PciAddress],
+          ignore: frozenset[str] = frozenset()) -> None:
     """Check every managed device; all are checked before anything changes."""
     holds = Holds(ctx.root, ctx.journal, plan.vmid)
     for dev in managed:
-        check_device(ctx, dev, passed, holds, plan)
+        check_device(ctx, dev, passed, holds, plan, ignore)
 
 
 def prepare(ctx: Context, vmid: int) -> tuple[Plan, list[PciDevice], set[PciAddress]]:
@@ -159,5 +160,13 @@ def dry_run(ctx: Context, vmid: int) -> Plan:
     """pre-start's decisions without locks and without changing anything."""
     plan, managed, passed = prepare(ctx, vmid)
     if not plan.refusals and managed:
-        check(ctx, plan, managed, passed)
+        # What pre-start's safety net would deactivate first (pvehook.autoactivated).
+        from .autoactivated import release
+
+        try:
+            gone = frozenset(release(ctx.root, managed, plan.lines, apply=False))
+        except Exception as e:
+            plan.lines.append(f"could not check the guest's storage the host activated: {e}")
+            gone = frozenset()
+        check(ctx, plan, managed, passed, gone)
     return plan

@@ -72,7 +72,10 @@ def _holder_kind(dev: BlockDevice) -> str:
     return "a stacked device"
 
 
-def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice]) -> DiskUse:
+def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice],
+             ignore: frozenset[str] = frozenset()) -> DiskUse:
+    """`ignore`: holders (dm-N, mdN) to leave out, those pre-start's safety net would
+    deactivate (`pvehook check` only; the exclusive-open probe is then skipped)."""
     use = DiskUse()
     all_mounts = mounts(root)
     active_swaps = swaps(root)
@@ -97,6 +100,8 @@ def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice]) -> DiskUse:
                     via = "" if d is dev else f" through {d.label()}"
                     use.reasons.append(f"{dev.name} is active swap{via}")
             for h in dev.holders():
+                if h.name in ignore:
+                    continue
                 use.reasons.append(f"{dev.name} is held by {h.label()}, {_holder_kind(h)}")
             props = dev.udev() or {}
             fs = props.get("ID_FS_TYPE")
@@ -104,7 +109,7 @@ def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice]) -> DiskUse:
                 use.notes.append(f"{dev.name} carries {_SIGNATURES[fs]}"
                                  f"{' ' + repr(props['ID_FS_LABEL']) if props.get('ID_FS_LABEL') else ''}"
                                  ", not active on the host (the guest's own)")
-        if not use.reasons:
+        if not use.reasons and not any(h.name in ignore for d in members for h in d.holders()):
             # One probe on the whole namespace covers every exclusive user of it or of
             # its partitions, including those that leave no other trace (a ZFS pool).
             try:

@@ -270,3 +270,20 @@ def test_status_warns_of_a_vg_name_clash(host, storage, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["status"])
     assert "its volume group 'pve' has the name of the host's on /dev/vda" in capsys.readouterr().out
+
+
+def test_check_says_what_the_safety_net_would_do_and_exits_like_the_hook(host, storage,
+                                                                          hook, ctx):
+    from pvehook.plan import dry_run
+
+    _disk, p1, p2 = host.namespaces_of(A)
+    storage.vg("guestvg", "U1", [p1])
+    storage.md("md0", [p2])
+    host.vm_config(100, f"hostpci0: {A}\n")
+    plan = dry_run(ctx, 100)
+    assert plan.refusals == []
+    assert any(f"would deactivate volume group guestvg on {p1}" in line for line in plan.lines)
+    assert any("would stop md array md0" in line for line in plan.lines)
+    assert storage.active() == ["U1"] and not storage.mdlog.exists()  # nothing changed
+    assert [str(s.device.address) for s in plan.steps] == [A]
+    assert hook(100, "pre-start")[0] == 0
