@@ -12,7 +12,6 @@ import stat
 import pytest
 
 from fakesys import FakeNamespace
-from pvehook import guestlist
 from pvehook.errors import InUseError, Refusals
 from pvehook.reserve import reserve, reserved_by_vm, unreserve
 
