@@ -146,3 +146,21 @@ def _restore_lvm(ctx: Context, addr: str, disks: list[BlockDevice], errors: list
     if vgs:
         log.info("%s: deactivated volume group(s) %s that the host had auto-activated"
                  " (the guest's own)", addr, ", ".join(vgs))
+    _warn_name_clash(ctx, addr, disks)
+
+
+def _warn_name_clash(ctx: Context, addr: str, disks: list[BlockDevice]) -> None:
+    from .lvm import name_clashes
+
+    try:
+        clashes = name_clashes(disks)
+    except Exception as e:
+        log.warning("%s: could not compare the guest's volume group names with the host's: %s",
+                    addr, e)
+        return
+    for name, others in clashes:
+        log.warning("%s: the guest's volume group %r has the name of the host's volume group on"
+                    " %s: while this disk is on the host, LVM commands that name %r refuse"
+                    " (\"Multiple VGs found with the same name\"), Proxmox's storage on it"
+                    " included; `pvehook reserve <vmid>` keeps the disk on vfio-pci between"
+                    " runs", addr, name, ", ".join(others), name)

@@ -61,6 +61,13 @@ class BlockDevice(namedtuple("BlockDevice", "root name sys_path")):
             return []
         return [BlockDevice.by_name(self.root, n) for n in names]
 
+    def slaves(self) -> list[str]:
+        """Names of the devices this one is built on (an md array's members)."""
+        try:
+            return sorted(os.listdir(self.sys_path / "slaves"))
+        except FileNotFoundError:
+            return []
+
     def holder_stack(self) -> list["BlockDevice"]:
         """Every device stacked on this one, transitively (dm on md on a partition...)."""
         out: list[BlockDevice] = []
@@ -104,6 +111,11 @@ class BlockDevice(namedtuple("BlockDevice", "root name sys_path")):
             if line.startswith("E:") and "=" in line:
                 key, _, value = line[2:].partition("=")
                 props[key] = value
+        # pvehook's udev rule hides a guest disk's ID_FS_TYPE from lvm2's and mdadm's
+        # rules and its second rule puts it back; should that one be missing, the
+        # original is still here.
+        if "ID_FS_TYPE" not in props and "PVEHOOK_ID_FS_TYPE" in props:
+            props["ID_FS_TYPE"] = props["PVEHOOK_ID_FS_TYPE"]
         return props
 
 

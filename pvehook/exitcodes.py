@@ -38,7 +38,7 @@ TABLE = (
     (USAGE, "usage: missing arguments or a malformed vmid", "bad usage"),
     (NO_DEVICE, "a `hostpci` id or mapping names no device on this node, or a mapping does"
                 " not match the device at its path (hardware changed)",
-     "`check`: a `hostpci` id or mapping names no device on this node"),
+     "`check`, `reserve`: a `hostpci` id or mapping names no device on this node"),
     (NOT_ROOT, None, "not root"),
     (NOT_PROXMOX, None,
      "not a Proxmox VE node (no `pvesh`/`pvesm`, or proxmoxer without the local backend)"),
@@ -49,19 +49,21 @@ TABLE = (
     (HOOKSCRIPT_CONFLICT, None, "the VM already has another hookscript (use `--force`)"),
     (NOT_READY, None, "`doctor`: the node is not ready"),
     (IOMMU, "IOMMU off, or a device without an IOMMU group",
-     "`check`: the hook would refuse: IOMMU off, or a device without an IOMMU group"),
+     "`check`, `reserve`: the hook would refuse: IOMMU off, or a device without an IOMMU"
+     " group"),
     (IN_USE, "the host uses the disk (mounted, swap, held, opened exclusively, system disk),"
              " a disk or configured network interface on a device the VM's IOMMU groups take,"
              " an NVMe controller on another host driver, or a multipath namespace through a"
              " controller that stays",
-     "`check`: the hook would refuse: the host uses the disk; import-raw: the host uses"
-     " the source disk"),
+     "`check`, `reserve`: the hook would refuse: the host uses the disk; import-raw: the"
+     " host uses the source disk"),
     (HELD, "another running VM holds the device or a member of its IOMMU group (or another"
            " pvehook run has it locked)",
-     "`check`: the hook would refuse: another running VM holds the device, or it is locked"),
+     "`check`, `reserve`: the hook would refuse: another running VM holds the device, or it"
+     " is locked"),
     (BIND, "a driver did not release or take a device, or not within its deadline;"
            " every device was given back",
-     None),
+     "`reserve`: a driver did not release or take a device; every device was given back"),
     (GIVE_BACK, "post-stop could not give every device back (each one is reported)",
      None),
     (VOLUME, "an LVM volume of the VM cannot be confirmed as a RAW volume",

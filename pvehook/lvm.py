@@ -57,25 +57,70 @@ def _settle(root: Root, vgs: set[str]) -> None:
             time.sleep(0.05)
 
 
+def run(argv: list[str]):
+    """Run a command that must succeed (vgchange, mdadm --stop); an OSError with the
+    command's own message when it fails."""
+    proc = _run(argv, check=False)
+    if proc.returncode != 0:
+        why = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
+        raise OSError(f"{' '.join(argv[:2])}: {why}")
+    return proc
+
+
+def pv_kernel_name(pv_name: str) -> str:
+    """/dev/nvme0n1p1 -> nvme0n1p1; /dev/mapper/x -> dm-N (what /sys/class/block names)."""
+    return os.path.basename(os.path.realpath(pv_name))
+
+
+def _members(disks: list[BlockDevice]) -> list[BlockDevice]:
+    return [b for d in disks for b in (d, *d.partitions())]
+
+
+def _guest_pvs(disks: list[BlockDevice]) -> list[str]:
+    return sorted(f"/dev/{b.name}" for b in _members(disks)
+                  if (b.udev() or {}).get("ID_FS_TYPE") == "LVM2_member")
+
+
 def deactivate_guest_vgs(root: Root, disks: list[BlockDevice]) -> list[str]:
-    """Deactivate volume groups the host activated on these disks; return their names."""
-    members = [b for d in disks for b in (d, *d.partitions())]
-    lvm_pvs = {f"/dev/{b.name}" for b in members
-               if (b.udev() or {}).get("ID_FS_TYPE") == "LVM2_member"}
+    """Deactivate volume groups the host activated on these disks; return their names.
+
+    By VG uuid, never by name: a guest's VG may be named like one of the host's (a
+    Proxmox VE guest has its own `pve`), and LVM refuses a name two VGs share.
+    """
+    lvm_pvs = _guest_pvs(disks)
     if not lvm_pvs:
         return []
-    rows = report("pvs", "pv_name,vg_name", *sorted(lvm_pvs))
-    vgs = {r["vg_name"] for r in rows if r.get("vg_name")}
+    rows = report("pvs", "pv_name,vg_name,vg_uuid", *lvm_pvs)
+    vgs = {r["vg_uuid"]: r["vg_name"] for r in rows if r.get("vg_uuid")}
     if not vgs:
         return []
-    _settle(root, vgs)
-    active = {r["vg_name"] for r in report("lvs", "vg_name,lv_active", *sorted(vgs))
+    _settle(root, set(vgs.values()))
+    select = " || ".join(f"vg_uuid={u}" for u in sorted(vgs))
+    active = {r["vg_uuid"] for r in report("lvs", "vg_uuid,lv_active", "--select", select)
               if r.get("lv_active") == "active"}
-    for vg in sorted(active):
-        proc = _run(["lvm", "vgchange", "--activate", "n", vg], check=False)
-        if proc.returncode != 0:
-            raise OSError(f"vgchange -an {vg}: {' '.join(proc.stderr.split())}")
-    return sorted(active)
+    for uuid in sorted(active):
+        run(["lvm", "vgchange", "--activate", "n", "--select", f"vg_uuid={uuid}"])
+    return sorted(vgs[u] for u in active)
+
+
+def name_clashes(disks: list[BlockDevice]) -> list[tuple[str, list[str]]]:
+    """Volume groups on these (guest) disks named like a VG elsewhere on the host:
+    (name, the other VG's PVs). While such a disk is on the host, LVM commands that
+    name that VG refuse ("Multiple VGs found with the same name")."""
+    guest_pvs = _guest_pvs(disks)
+    if not guest_pvs:
+        return []
+    rows = report("pvs", "pv_name,vg_name,vg_uuid")
+    ours = {pv_kernel_name(p) for p in guest_pvs}
+    guest = {r["vg_uuid"]: r["vg_name"] for r in rows
+             if r.get("vg_uuid") and pv_kernel_name(r["pv_name"]) in ours}
+    out = []
+    for uuid, name in sorted(guest.items(), key=lambda kv: kv[1]):
+        others = sorted(r["pv_name"] for r in rows
+                        if r.get("vg_name") == name and r.get("vg_uuid") not in guest)
+        if others:
+            out.append((name, others))
+    return out
 
 
 class Report(namedtuple("Report", "rows errors returncode")):

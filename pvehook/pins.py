@@ -30,6 +30,7 @@ from contextlib import contextmanager
 
 from . import identity
 from .errors import ConfigError, DriveMismatchError, PvehookError
+from .holds import Holds
 from .pci import PciDevice
 
 STORE = "pins.json"
@@ -162,9 +163,15 @@ class Observed:
         if self.dsn and pinned.get("dsn"):
             return self.dsn == pinned["dsn"], f"by its PCIe Device Serial Number {self.dsn}"
         if self.recorded is not None:
-            return (identity.same_drive(self.recorded, pinned),
-                    f"as recorded when it was last on nvme, {_when(self.seen['time'])}")
+            return identity.same_drive(self.recorded, pinned), self._recorded_how()
         return None, ""
+
+    def _recorded_how(self) -> str:
+        how = f"as recorded when it was last on nvme, {_when(self.seen['time'])}"
+        if self.seen.get("reserved"):
+            how += (" (reserved since, on vfio-pci from boot on: without a PCIe Device Serial"
+                    " Number a drive swapped while the node was off cannot be told apart)")
+        return how
 
     def describe(self) -> str:
         return identity.describe(self.best)
@@ -174,7 +181,7 @@ class Observed:
         if self.nvme is not None:
             return "read from the controller"
         if self.recorded is not None:
-            return f"as recorded when it was last on nvme, {_when(self.seen['time'])}"
+            return self._recorded_how()
         return f"by its PCIe Device Serial Number {self.dsn}" if self.dsn else ""
 
     def unknown_why(self) -> str:
@@ -188,7 +195,13 @@ def observe(root, dev: PciDevice, data: dict, boot: str | None) -> Observed:
     dsn = nvme["dsn"] if nvme is not None else identity.read_dsn(dev)
     seen = data["seen"].get(str(dev.address))
     if seen is not None and (not boot or seen.get("boot_id") != boot):
-        seen = None
+        # Recorded in an earlier boot: it speaks for the drive only at a reserved address
+        # (`pvehook reserve`), which has stayed on vfio-pci from boot on since; elsewhere
+        # a renumbering at that reboot could have put another drive there.
+        from . import guestlist
+
+        reserved = str(dev.address) in guestlist.read(root, guestlist.RESERVED)
+        seen = {**seen, "reserved": True} if reserved else None
     return Observed(dev.address, dev.driver, nvme, dsn, seen)
 
 
@@ -232,6 +245,8 @@ def check_pins(ctx, plan, managed: list[PciDevice]) -> None:
     data = PinStore(ctx.root).load()
     boot = boot_id(ctx.root)
     vm_pins = data["vms"].get(str(plan.vmid), {})
+    # A drive another running VM holds is refused as held (12), pinned or not.
+    holds = Holds(ctx.root, ctx.journal, plan.vmid)
     for dev in managed:
         entry = plan.entries.get(dev.address)
         key = entry.key if entry is not None else "?"
@@ -248,7 +263,7 @@ def check_pins(ctx, plan, managed: list[PciDevice]) -> None:
                 plan.lines.append(f"{addr}: VM {plan.vmid} has no pinned drive for {key}, and"
                                   f" this one cannot be identified now ({obs.unknown_why()}):"
                                   " it is pinned at a start where nvme has it")
-            elif owners(data, obs, plan.vmid):
+            elif owners(data, obs, plan.vmid) and not holds.holder(addr):
                 # Another VM's disk while that VM is off: exactly what pins are for; a new
                 # entry does not take it on trust.
                 others = ", ".join(o for o, _ in owners(data, obs, plan.vmid))

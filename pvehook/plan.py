@@ -207,7 +207,7 @@ def check_groups(ctx: Context, plan: Plan, holds: Holds, openers=None) -> set[Pc
 
 
 def check_device(ctx: Context, dev: PciDevice, moving: set[PciAddress], holds: Holds,
-                 plan: Plan, openers=None) -> None:
+                 plan: Plan, openers=None, ignore: frozenset[str] = frozenset()) -> None:
     """Append the device's refusals, or its step, to the plan."""
     addr = dev.address
     refused = len(plan.refusals)
@@ -229,7 +229,7 @@ def check_device(ctx: Context, dev: PciDevice, moving: set[PciAddress], holds: H
                  " device"))
     disks = namespaces(dev) if driver else []
     if disks:
-        use = host_use(ctx.root, ctx.kernel, disks, openers)
+        use = host_use(ctx.root, ctx.kernel, disks, openers, ignore)
         if use.in_use:
             plan.refusals.append(InUseError(
                 f"{addr}: the host uses this disk: " + "; ".join(use.reasons),
@@ -271,9 +271,10 @@ def check_device(ctx: Context, dev: PciDevice, moving: set[PciAddress], holds: H
         plan.steps.append(Step(dev, driver, len(disks)))
 
 
-def check(ctx: Context, plan: Plan) -> None:
+def check(ctx: Context, plan: Plan, ignore: frozenset[str] = frozenset()) -> None:
     """Check every device the start takes from the host; all are checked before anything
-    changes. Needs `choose` first."""
+    changes. Needs `choose` first. `ignore`: holders pre-start's safety net deactivates
+    first (pvehook.autoactivated), left out of the host-use check of `pvehook check`."""
     if not plan.hostpci or plan.refusals:
         return
     if not iommu.iommu_enabled(ctx.root):
@@ -292,7 +293,7 @@ def check(ctx: Context, plan: Plan) -> None:
     openers = Openers(ctx.root)  # one /proc scan for every device the start takes
     moving = check_groups(ctx, plan, holds, openers)
     for dev in plan.managed:
-        check_device(ctx, dev, moving, holds, plan, openers)
+        check_device(ctx, dev, moving, holds, plan, openers, ignore)
 
 
 def dry_run(ctx: Context, vmid: int) -> Plan:
@@ -300,5 +301,14 @@ def dry_run(ctx: Context, vmid: int) -> Plan:
     plan = prepare(ctx, vmid)
     if not plan.refusals and plan.hostpci:
         choose(ctx, plan)
-        check(ctx, plan)
+        gone: frozenset[str] = frozenset()
+        if plan.managed and not plan.refusals:
+            # What pre-start's safety net would deactivate first (pvehook.autoactivated).
+            from .autoactivated import release
+
+            try:
+                gone = frozenset(release(ctx.root, plan.managed, plan.lines, apply=False))
+            except OSError as e:  # lvm or mdadm failing: say so, check without it
+                plan.lines.append(f"could not check the guest's storage the host activated: {e}")
+        check(ctx, plan, gone)
     return plan

@@ -75,9 +75,11 @@ def _holder_kind(dev: BlockDevice) -> str:
 
 
 def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice],
-             openers: Openers | None = None) -> DiskUse:
+             openers: Openers | None = None, ignore: frozenset[str] = frozenset()) -> DiskUse:
     """`openers`: one run's scan of /proc, shared by every call of the run (the scan
-    costs about as much as the rest of a pre-start on a busy node); None scans here."""
+    costs about as much as the rest of a pre-start on a busy node); None scans here.
+    `ignore`: holders (dm-N, mdN) to leave out, those pre-start's safety net would
+    deactivate (`pvehook check` only; the exclusive-open probe is then skipped)."""
     use = DiskUse()
     openers = openers if openers is not None else Openers(root)
     all_mounts = mounts(root)
@@ -103,6 +105,8 @@ def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice],
                     via = "" if d is dev else f" through {d.label()}"
                     use.reasons.append(f"{dev.name} is active swap{via}")
             for h in dev.holders():
+                if h.name in ignore:
+                    continue
                 use.reasons.append(f"{dev.name} is held by {h.label()}, {_holder_kind(h)}")
             _open_by(openers, dev, stack, use)
             props = dev.udev() or {}
@@ -114,7 +118,7 @@ def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice],
         if openers.unreadable:
             use.notes.append(f"could not read the open files of {openers.unreadable}"
                              " process(es): run as root to see every opener")
-        if not use.reasons:
+        if not use.reasons and not any(h.name in ignore for d in members for h in d.holders()):
             # One probe on the whole namespace covers every exclusive user of it or of
             # its partitions, including those that leave no other trace (a ZFS pool).
             try:

@@ -74,6 +74,7 @@ class FakeHost:
         self.root.dev().mkdir(parents=True, exist_ok=True)
         self.root.pve("qemu-server").mkdir(parents=True, exist_ok=True)
         self._save_state({"next_ctrl": 0, "next_minor": 0, "busy": [], "faults": {}})
+        self.boot("boot-0")  # every kernel has a boot id (the pins' records carry it)
 
     # -- bookkeeping -------------------------------------------------------------
     def _state(self) -> dict:

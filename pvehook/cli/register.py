@@ -286,6 +286,9 @@ def register(cctx, vmids, storage, enable_snippets, force, as_json):
     ctx = context()
     out = register_vms(pve, ctx.root, list(dict.fromkeys(vmids)), ctx.node, storage,
                       enable_snippets, force)
+    from ..reserve import list_guest_controllers
+
+    list_guest_controllers(ctx, [d["vmid"] for d in out.done if d["action"] == "registered"])
     cctx.exit(print_outcome(out, as_json, "registered"))
 
 

@@ -9,6 +9,7 @@ import os
 
 import click
 
+from .. import guestlist
 from .. import iommu as iommu_groups
 from ..block import controller_serial, namespaces
 from ..context import Context
@@ -45,7 +46,9 @@ def list_data(ctx: Context) -> list[dict]:
             continue
         item = {"vmid": vmid, "node": node, "hookscript": conf.hookscript,
                 "running": vm_running(root, vmid) if node == ctx.node else None,
-                "devices": [], "lvm_disks": [], "errors": []}
+                "devices": [], "lvm_disks": [], "errors": [],
+                "reserved": sorted(guestlist.addresses_of(root, guestlist.RESERVED, vmid))
+                if node == ctx.node else []}
         for entry in conf.hostpci:
             dev = {"key": entry.key, "config": _entry_text(entry), "managed": None,
                    "addresses": [], "why": None}
@@ -155,6 +158,7 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
     holds = Holds(root, ctx.journal, -1)
     openers = Openers(root)  # one /proc scan for every namespace
     pins_data, boot = _pins(root)
+    reserved = guestlist.read(root, guestlist.RESERVED)
     if vmid is not None:
         VmConfig.load(root, vmid)  # a clear error when the VM is not on this node
     out = []
@@ -167,7 +171,8 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
                 "model": _ctrl_attr(dev, "model"), "serial": controller_serial(dev),
                 "driver": dev.driver, "driver_override": dev.driver_override,
                 **group_verdict(root, dev), "namespaces": [],
-                "vms": naming.get(dev.address, []), "held_by": holds.holder(dev.address)}
+                "vms": naming.get(dev.address, []), "held_by": holds.holder(dev.address),
+                "reserved_for": sorted(reserved.get(str(dev.address), set()))}
         item.update(drive_report(ctx, dev, pins_data, boot))
         if dev.driver:
             for disk in namespaces(dev):
@@ -182,8 +187,20 @@ def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
                         raise
                     ns["notes"].append(f"cannot check: {e.strerror or e}")
                 item["namespaces"].append(ns)
+            item["vg_name_clashes"] = _vg_name_clashes(namespaces(dev))
         out.append(item)
     return out
+
+
+def _vg_name_clashes(disks) -> list[dict]:
+    """Volume groups on these disks named like another VG of the host (see
+    pvehook.lvm.name_clashes); empty when lvm cannot be run or fails."""
+    from ..lvm import name_clashes
+
+    try:
+        return [{"vg": name, "other_pvs": others} for name, others in name_clashes(disks)]
+    except (OSError, ValueError):
+        return []
 
 
 def iommu_data(root: Root) -> dict:
@@ -254,6 +271,8 @@ def list_(cctx, as_json):
         for disk in vm["lvm_disks"]:
             click.echo(f"  {disk['key']}: {disk['volume']} = {disk['lv']}"
                        f" ({'thin' if disk['thin'] else 'thick'} LVM)")
+        if vm.get("reserved"):
+            click.echo(f"  reserved: {', '.join(vm['reserved'])} (on vfio-pci from boot on)")
         for p in vm.get("pins", []):
             where = ", ".join(p["now_at"]) or "not on this node"
             click.echo(f"  {p['key']} pinned: {p['description']}: {p['state']} ({where})")
@@ -293,6 +312,14 @@ def status(cctx, vmid, as_json):
         vms = ", ".join(map(str, c["vms"])) or "none"
         click.echo(f"  named by VM: {vms}; held by: {c['held_by'] or 'nobody'}")
         click.echo(f"  drive: {_identity_line(c)}")
+        for clash in c.get("vg_name_clashes", []):
+            click.echo(f"  warning: its volume group {clash['vg']!r} has the name of the host's"
+                       f" on {', '.join(clash['other_pvs'])}: LVM commands naming"
+                       f" {clash['vg']!r} refuse while this disk is on the host; `pvehook"
+                       f" reserve <vmid>` keeps it on vfio-pci")
+        if c.get("reserved_for"):
+            click.echo(f"  reserved for VM {', '.join(map(str, c['reserved_for']))}:"
+                       " on vfio-pci from boot on")
     cctx.exit(0)
 
 

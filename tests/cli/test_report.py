@@ -99,7 +99,7 @@ def test_doctor(node, cli):
     (root / "etc/modprobe.d/vfio.conf").write_text("options vfio-pci ids=1b36:0010,10de:1b80\n")
     (root / "etc/pve/storage.cfg").write_text("dir: local\n\tpath /var/lib/vz\n\tcontent iso\n")
     vm_config(node, 100, "memory: 512\nhookscript: local:snippets/pvehook-hook\n")
-    (root / "proc/sys/kernel").mkdir(parents=True)
+    (root / "proc/sys/kernel").mkdir(parents=True, exist_ok=True)
     (root / "proc/sys/kernel/osrelease").write_text("6.14.8-2-pve\n")
     mods = root / "lib/modules/6.14.8-2-pve"
     mods.mkdir(parents=True)

@@ -330,14 +330,16 @@ def test_record_of_other_running_vm(host, hook):
     assert code == 12 and "VM 200" in out
 
 
-def test_stale_record_of_stopped_vm_is_taken_over(host, hook, monkeypatch):
+def test_stale_record_of_stopped_vm_is_taken_over(host, ctx, hook, monkeypatch):
     import pvehook.holds
+    from pvehook.pins import accept
 
     nvme(host)
     host.vm_config(100, f"hostpci0: {A}\n")
     host.vm_config(200, f"hostpci0: {A}\n")
     assert hook(200, "pre-start")[0] == 0
     monkeypatch.setattr(pvehook.holds, "RECORD_GRACE_S", 0.0)  # VM 200 never started QEMU
+    accept(ctx, 100)  # VM 200's pinned drive: VM 100 shares it only when told to
     code, out = hook(100, "pre-start")
     assert code == 0 and "taken over" in out, out
     assert record(host, 200) is None

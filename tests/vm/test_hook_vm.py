@@ -195,7 +195,11 @@ d2=$(vm_nvme_disk H2)
 pvcreate -q $d2 && vgcreate -q guestvg $d2 && lvcreate -q -an -Zn -L 16M -n root guestvg >/dev/null
 lvchange -ay guestvg/root
 conf 101 "hostpci0: $H2"
+# In use (held open): refused. Active but unused, pre-start's safety net would deactivate
+# it (tests/vm/test_boot_vm.py).
+exec 3</dev/guestvg/root
 run_hook lvm_active 101 pre-start; fact lvm_active_driver "$(vm_driver $H2)"
+exec 3<&-
 vgchange -q -an guestvg >/dev/null
 fact lv_active_before "$(lvs --noheadings -o lv_active guestvg/root | tr -d ' ')"
 run_hook lvm_inactive 101 pre-start; fact lvm_inactive_driver "$(vm_driver $H2)"
