@@ -20,10 +20,13 @@ from .tasklog import log
 from .waits import processes_holding, vfio_nodes, wait_exit, wait_namespaces
 
 
-def assign(ctx: Context, plan: Plan) -> None:
-    """Bind every planned device to vfio-pci: all of them, or none."""
+def assign(ctx: Context, plan: Plan, generation: str | None = None) -> None:
+    """Bind every planned device to vfio-pci: all of them, or none. `generation` names
+    this start in the record (restarts.py: a deferred release acts only on its own)."""
     journal = ctx.journal
     record = journal.load(plan.vmid) or VmRecord(plan.vmid)
+    if generation is not None:
+        record.generation, record.kept_for_reboot = generation, None
     for step in (*plan.stays, *plan.steps):
         # An entry left from an earlier start of this VM keeps the driver it recorded.
         if record.find(str(step.device.address)) is None:

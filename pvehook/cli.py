@@ -29,7 +29,9 @@ Exit codes:
   10-15 check: the hook's refusal (10 IOMMU, 11 disk in use by the host,
       12 held by another VM, 13 bind, 14 give-back, 15 volume);
       import-raw: 11 the host uses the source disk
-  16  import-raw: the VM is running, locked, or on another node
+  14  release: a device could not be given back
+  16  import-raw: the VM is running, locked, or on another node;
+      release: the VM is running, or a Proxmox task holds its lock
   17  import-raw: the source starts with a disk-image or LUKS header"""
 
 MAIN_HELP = f"""Safe NVMe passthrough for Proxmox VE: opt VMs in to the pvehook hookscript
@@ -43,6 +45,7 @@ Examples:
   pvehook register 100 --enable-snippets local
   pvehook status --json              NVMe controllers, for scripts
   pvehook import-raw 100 /dev/disk/by-id/nvme-X local-lvm   seed a VM's disk
+  pvehook release 100                give a stopped VM's devices back to the host
   pvehook unregister 100
 
 \b
@@ -391,6 +394,45 @@ def import_raw(vmid, source, storage, key, cache, no_discard, no_register, snipp
         return 0
     if as_json:
         _emit_json(result)
+    return 0
+
+
+# -- release ---------------------------------------------------------------------------------
+
+@cli.command(epilog="""\b
+Examples:
+  pvehook release 100
+  pvehook status 100                 where its devices are now
+
+\b
+Exit codes: 0 done, or nothing was recorded; 14 a device could not be given back
+(each one is reported); 16 the VM is running, or a Proxmox task holds its lock.""")
+@click.argument("vmid", type=VMID, shell_complete=_vmid_completion)
+@click.option("--deferred", metavar="GENERATION", hidden=True,
+              help="The job pre-start and a reboot's post-stop schedule: give back only if"
+                   " the VM is not running and no newer start took over; else do nothing.")
+def release(vmid, deferred):
+    """Give the devices of a stopped VM back to the host.
+
+    What the hook's post-stop does, for a VM whose post-stop did not give everything
+    back (a device still busy, a VM killed outside Proxmox). Each device goes back to
+    the driver it came from. Refused while the VM runs or while a Proxmox task (a start,
+    stop or cleanup) holds the VM's lock.
+    """
+    from .release import release as do_release
+    from .report import context
+    from .tasklog import log
+
+    ctx = context()
+    log.setup(str(vmid), "release", to_journal=ctx.root.dev("log").exists())
+    if deferred is None:
+        do_release(ctx, vmid)
+        return 0
+    try:
+        do_release(ctx, vmid, deferred, lock_timeout=ctx.timeouts.lock)
+    except PvehookError as e:  # nobody reads this job's stderr: say it in the journal
+        log.error("%s", e)
+        raise
     return 0
 
 

@@ -13,12 +13,26 @@ def pre_start(ctx: Context, vmid: int) -> None:
 
     plan, managed, passed = prepare(ctx, vmid)
     if not plan.refusals and managed:
+        from .restarts import needs_release, new_generation, schedule_release
+
+        generation = new_generation()
         with device_locks(ctx.root, [str(d.address) for d in managed], ctx.timeouts.lock):
             check(ctx, plan, managed, passed)
             _report(plan)
             from .assign import assign  # only now: moving devices needs rebind, lvm, waits
 
-            assign(ctx, plan)
+            before = ctx.journal.load(vmid)
+            assign(ctx, plan, generation)
+            record = ctx.journal.load(vmid)
+            if before is not None and before.kept_for_reboot is not None:
+                for dev in before.devices:
+                    if record is not None and record.find(dev.address):
+                        log.info("%s: on vfio-pci since the reboot of VM %d; goes back to %s"
+                                 " when it stops", dev.address, vmid,
+                                 dev.original_driver or "no driver")
+            # qemu-server runs no post-stop when the start fails from here on.
+            if record is not None and needs_release(record):
+                schedule_release(ctx, vmid, generation, "if this start fails")
     else:
         _report(plan)
 
@@ -33,6 +47,7 @@ def _report(plan) -> None:
 def post_stop(ctx: Context, vmid: int) -> None:
     from .assign import give_back
     from .journal import device_locks
+    from .restarts import reboot_requested
 
     journal = ctx.journal
     record = journal.load(vmid)
@@ -43,6 +58,29 @@ def post_stop(ctx: Context, vmid: int) -> None:
         record = journal.load(vmid)  # again, under the locks
         if record is None:
             return
+        if reboot_requested(ctx.root, vmid) and _keep_for_reboot(ctx, record):
+            return
         errors = give_back(ctx, record, list(record.devices))
     if errors:
         raise GiveBackError("; ".join(errors))
+
+
+def _keep_for_reboot(ctx: Context, record) -> bool:
+    """`qm reboot`: leave the devices on vfio-pci for the start that follows, with a
+    deferred release in case it never comes. False: give them back now."""
+    import time
+
+    from .restarts import needs_release, new_generation, schedule_release
+
+    if not needs_release(record):
+        return False
+    record.generation = record.generation or new_generation()
+    record.kept_for_reboot = time.time()
+    ctx.journal.save(record)
+    if not schedule_release(ctx, record.vmid, record.generation, "kept for the reboot"):
+        log.warning("VM %d: giving its devices back now instead", record.vmid)
+        return False
+    for dev in record.devices:
+        log.info("%s stays on vfio-pci for the reboot of VM %d (recorded: goes back to %s"
+                 " when it stops)", dev.address, record.vmid, dev.original_driver or "no driver")
+    return True

@@ -361,3 +361,30 @@ class FakeKernel(Kernel):
 
     def load_module(self, name: str) -> None:
         self.host.add_driver(name.replace("_", "-"))
+
+
+class FakeLater:
+    """Stands in for pvehook.later.Later: keeps each scheduled release; `fire` runs them
+    now, in this process, against the test's context (its fake kernel)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[int, str, float]] = []  # (vmid, generation, delay)
+
+    def release_after(self, ctx, vmid: int, generation: str, delay: float) -> str:
+        self.jobs.append((vmid, generation, delay))
+        return f"fake timer {len(self.jobs)}"
+
+    def fire(self, ctx) -> list[int]:
+        """Run every job scheduled so far (time has passed); their exit codes."""
+        from pvehook.errors import PvehookError
+        from pvehook.release import release
+
+        jobs, self.jobs = self.jobs, []
+        codes = []
+        for vmid, generation, _delay in jobs:
+            try:
+                release(ctx, vmid, generation, lock_timeout=ctx.timeouts.lock)
+                codes.append(0)
+            except PvehookError as e:
+                codes.append(e.exit_code)
+        return codes
