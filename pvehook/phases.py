@@ -22,17 +22,21 @@ def pre_start(ctx: Context, vmid: int) -> None:
             from .assign import assign  # only now: moving devices needs rebind, lvm, waits
 
             before = ctx.journal.load(vmid)
-            assign(ctx, plan, generation)
-            record = ctx.journal.load(vmid)
+            try:
+                assign(ctx, plan, generation)
+            finally:
+                # qemu-server runs no post-stop when the start fails from here on; and a
+                # device the kernel was still busy with at a rollback stays recorded.
+                record = ctx.journal.load(vmid)
+                if record is not None and record.generation == generation \
+                        and needs_release(record):
+                    schedule_release(ctx, vmid, generation, "if this start fails")
             if before is not None and before.kept_for_reboot is not None:
                 for dev in before.devices:
                     if record is not None and record.find(dev.address):
                         log.info("%s: on vfio-pci since the reboot of VM %d; goes back to %s"
                                  " when it stops", dev.address, vmid,
                                  dev.original_driver or "no driver")
-            # qemu-server runs no post-stop when the start fails from here on.
-            if record is not None and needs_release(record):
-                schedule_release(ctx, vmid, generation, "if this start fails")
     else:
         _report(plan)
 

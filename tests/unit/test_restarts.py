@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fakesys import FakeNamespace
+from pvehook.journal import device_locks
 
 A = "0000:01:00.0"
 B = "0000:02:00.0"
@@ -155,6 +156,24 @@ def test_failed_start_gives_every_device_back_after_the_deadline(host, hook, ctx
     assert ctx.later.fire(ctx) == [0]
     assert host.driver_of(A) == host.driver_of(B) == "nvme"
     assert len(host.namespaces_of(A)) == len(host.namespaces_of(B)) == 2
+    assert record(host, 100) is None
+
+
+def test_a_device_stuck_in_the_kernel_at_pre_start_goes_back_later(host, hook, ctx):
+    """The rollback cannot give back a device whose unbind is still in the kernel; the
+    start is aborted, so no post-stop will come: the deferred release does it."""
+    nvme(host, A, group=1)
+    nvme(host, B, group=2)
+    host.fault(B, "unbind", "delay", 1)
+    host.vm_config(100, f"hostpci0: {A}\nhostpci1: {B}\n")
+    ctx.timeouts = ctx.timeouts._replace(rebind=0.2)
+    code, out = hook(100, "pre-start")
+    assert code == 13 and f"the kernel is still busy with {B}" in out, out
+    assert "pvehook release 100" in out
+    assert host.driver_of(A) == "nvme"
+    assert ctx.later.fire(ctx) == [0]  # waits for B's lock, held by the stuck writer
+    with device_locks(host.root, [B], 10):  # the writer is done with B
+        assert host.driver_of(B) == "nvme"
     assert record(host, 100) is None
 
 
