@@ -428,8 +428,10 @@ def release(vmid, deferred):
     if deferred is None:
         do_release(ctx, vmid)
         return 0
+    from .release import deferred_release
+
     try:
-        do_release(ctx, vmid, deferred, lock_timeout=ctx.timeouts.lock)
+        deferred_release(ctx, vmid, deferred)
     except PvehookError as e:  # nobody reads this job's stderr: say it in the journal
         log.error("%s", e)
         raise

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .context import Context
-from .errors import GiveBackError, PvehookError
+from .errors import GiveBackError
 from .holds import vm_running
+from .importraw import VmBusyError
 from .paths import Root
 from .tasklog import log
 
@@ -28,10 +29,8 @@ from .tasklog import log
 CLI_LOCK_TIMEOUT_S = 10.0
 
 
-def _busy(message: str, hint: str) -> PvehookError:
-    from .importraw import VmBusyError  # exit code 16: the VM is running or locked
-
-    return VmBusyError(message, hint=hint)
+class VmLockedError(VmBusyError):
+    """A Proxmox task holds the VM's lock (exit code 16, as a running VM)."""
 
 
 @contextmanager
@@ -48,10 +47,11 @@ def qemu_server_lock(root: Root, vmid: int, timeout: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise _busy(f"VM {vmid} is locked by a Proxmox task (a start, stop or"
-                                f" cleanup) for more than {timeout:g} s",
-                                f"wait for the task to end, then retry; lock file {path}"
-                                ) from None
+                    raise VmLockedError(
+                        f"VM {vmid} is locked by a Proxmox task (a start, stop or cleanup)"
+                        f" for more than {timeout:g} s",
+                        hint=f"wait for the task to end, then retry; lock file {path}"
+                    ) from None
                 time.sleep(0.05)
         yield
     finally:
@@ -72,8 +72,9 @@ def release(ctx: Context, vmid: int, generation: str | None = None,
         if not vm_running(ctx.root, vmid):
             return False
         if generation is None:
-            raise _busy(f"VM {vmid} is running: its devices are in use",
-                        f"stop it first (qm shutdown {vmid}); its post-stop gives them back")
+            raise VmBusyError(f"VM {vmid} is running: its devices are in use",
+                              hint=f"stop it first (qm shutdown {vmid}); its post-stop gives"
+                                   " them back")
         log.info("VM %d is running: its devices stay with it", vmid)
         return True
 
@@ -102,3 +103,16 @@ def release(ctx: Context, vmid: int, generation: str | None = None,
             errors = give_back(ctx, record, list(record.devices))
     if errors:
         raise GiveBackError("; ".join(errors))
+
+
+def deferred_release(ctx: Context, vmid: int, generation: str) -> None:
+    """The scheduled job. A VM locked past the lock timeout (a start still going on):
+    try again after another bound rather than give up on the devices."""
+    from .restarts import schedule_release
+
+    try:
+        release(ctx, vmid, generation, lock_timeout=ctx.timeouts.lock)
+    except VmLockedError as e:
+        log.warning("%s", e)
+        if not schedule_release(ctx, vmid, generation, "tried again: the VM was locked"):
+            raise

@@ -377,13 +377,13 @@ class FakeLater:
     def fire(self, ctx) -> list[int]:
         """Run every job scheduled so far (time has passed); their exit codes."""
         from pvehook.errors import PvehookError
-        from pvehook.release import release
+        from pvehook.release import deferred_release
 
         jobs, self.jobs = self.jobs, []
         codes = []
         for vmid, generation, _delay in jobs:
             try:
-                release(ctx, vmid, generation, lock_timeout=ctx.timeouts.lock)
+                deferred_release(ctx, vmid, generation)
                 codes.append(0)
             except PvehookError as e:
                 codes.append(e.exit_code)
