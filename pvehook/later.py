@@ -41,8 +41,12 @@ def job_argv(vmid: int, generation: str) -> list[str]:
 def job_env(root: Root, timeouts) -> dict[str, str]:
     """What the job needs to act on the same tree with the same deadlines."""
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
-    if os.environ.get("PYTHONPATH"):  # a source tree, not the installed package
+    # The pvehook that runs now, also when it is a source tree and not the package.
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.environ.get("PYTHONPATH"):
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    elif os.path.basename(here) not in ("dist-packages", "site-packages"):
+        env["PYTHONPATH"] = here
     if str(root.path) != "/":
         env["PVEHOOK_ROOT"] = str(root.path)
     for name, value in timeouts._asdict().items():

@@ -12,6 +12,8 @@ def pre_start(ctx: Context, vmid: int) -> None:
     from .plan import check, prepare
 
     plan, managed, passed = prepare(ctx, vmid)
+    if not plan.refusals:
+        _give_back_unpassed(ctx, vmid, {str(d.address) for d in managed})
     if not plan.refusals and managed:
         from .restarts import needs_release, new_generation, schedule_release
 
@@ -39,6 +41,26 @@ def pre_start(ctx: Context, vmid: int) -> None:
                                  dev.original_driver or "no driver")
     else:
         _report(plan)
+
+
+def _give_back_unpassed(ctx: Context, vmid: int, passed_now: set[str]) -> None:
+    """Devices still in this VM's record (kept for its reboot) that its config no longer
+    passes (a change applied at the restart): back to the host now."""
+    record = ctx.journal.load(vmid)
+    gone = [d.address for d in record.devices if d.address not in passed_now] if record else []
+    if not gone:
+        return
+    from .assign import give_back
+    from .journal import device_locks
+
+    with device_locks(ctx.root, gone, ctx.timeouts.lock):
+        record = ctx.journal.load(vmid)  # again, under the locks
+        devices = [d for d in record.devices if d.address in gone] if record else []
+        for dev in devices:
+            log.info("%s: VM %d does not pass it any more: giving it back", dev.address, vmid)
+        errors = give_back(ctx, record, devices) if devices else []
+    for err in errors:  # the start itself does not need these devices
+        log.warning("%s", err)
 
 
 def _report(plan) -> None:

@@ -98,6 +98,24 @@ def test_reboot_keeps_the_device_on_vfio_then_the_last_stop_gives_it_back(host, 
     assert host.driver_of(A) == "nvme"
 
 
+def test_a_device_dropped_from_the_config_at_the_reboot_goes_back(host, hook, ctx):
+    """qm reboot applies pending changes at the restart: a hostpci removed meanwhile."""
+    nvme(host, A, group=1)
+    nvme(host, B, group=2)
+    host.vm_config(100, f"hostpci0: {A}\nhostpci1: {B}\n")
+    assert hook(100, "pre-start")[0] == 0
+    reboot_flag(host, 100).touch()
+    assert hook(100, "post-stop")[0] == 0
+    assert host.driver_of(A) == host.driver_of(B) == "vfio-pci"
+    reboot_flag(host, 100).unlink()
+    host.vm_config(100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 0, out
+    assert f"{B}: VM 100 does not pass it any more: giving it back" in out
+    assert host.driver_of(A) == "vfio-pci" and host.driver_of(B) == "nvme"
+    assert [d["address"] for d in record(host, 100)["devices"]] == [A]
+
+
 def test_reboot_without_a_restart_gives_back_after_the_bound(host, hook, ctx):
     nvme(host)
     host.vm_config(100, f"hostpci0: {A}\n")
