@@ -43,9 +43,10 @@ conf 100 "memory: 1024\nhostpci0: ${S1#0000:},pcie=1"
 # 1. qm reboot: post-stop with the reboot file, then the restart's pre-start.
 # Bounds of 600 s: none of this part's releases may run during it.
 export PVEHOOK_TIMEOUT_GIVE_BACK=600
-# Through a pipe, as Proxmox reads the hook: it must not wait for the detached job.
-out=$(timeout 120 "$HOOK" 100 pre-start 2>&1); fact rc_r_pre $?
-echo "$out" > /results/r_pre.log
+# Through a pipe, as Proxmox reads the hook: the reader gets EOF when the hook exits,
+# not when its detached release (asleep for 600 s) does; else timeout kills it: 124.
+timeout 120 bash -c 'set -o pipefail; "$0" 100 pre-start 2>&1 | cat > /results/r_pre.log' "$HOOK"
+fact rc_r_pre $?
 fact r_pre_drv "$(vm_driver $S1)"
 qemu_start 100; qemu_stop 100
 touch /run/qemu-server/100.reboot
@@ -134,7 +135,7 @@ def test_reboot_keeps_the_device_and_a_failed_start_gives_it_back(vm_workdir):
         return (res.results_dir / f"{name}.log").read_text()
 
     # 1. The reboot keeps the device on vfio-pci; the last stop gives it back.
-    assert f["rc_r_pre"] == "0", log("r_pre")  # not 124: the pipe closed with the hook
+    assert f["rc_r_pre"] == "0", log("r_pre")  # 124: the reader waited for the release
     assert f["r_pre_drv"] == "vfio-pci"
     assert f["rc_r_post"] == "0", log("r_post")
     assert f["r_post_drv"] == "vfio-pci"
