@@ -80,7 +80,9 @@ class Later:
             if tool is None:
                 problem = "systemd-run not found"
             else:
-                unit = f"{UNIT_PREFIX}-{vmid}-{generation}"
+                # One generation can have two pending releases (its start's, its
+                # reboot's) and a release can schedule itself again: a unit name each.
+                unit = f"{UNIT_PREFIX}-{vmid}-{generation}-{time.monotonic_ns():x}"
                 problem = _systemd_run(tool, unit, vmid, argv, env, delay)
                 if problem is None:
                     return f"systemd timer {unit}.timer"

@@ -4,6 +4,7 @@ scheduled so far, as their timers would once the bound has passed."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -300,9 +301,10 @@ def test_systemd_timer_runs_the_release_after_a_failed_start(host, hook, ctx, tm
     code, out = hook(100, "pre-start")
     assert code == 0, out
     gen = record(host, 100)["generation"]
-    unit = f"pvehook-release-100-{gen}"
-    assert f"systemd timer {unit}.timer" in out
     [argv] = [json.loads(line) for line in log.read_text().splitlines()]
+    unit = next(a.split("=", 1)[1] for a in argv if a.startswith("--unit="))
+    assert unit.startswith(f"pvehook-release-100-{gen}-")
+    assert f"systemd timer {unit}.timer" in out
     cmd = argv[argv.index("--") + 1:]
     assert cmd == [sys.executable, "-P", "-m", "pvehook.cli", "release", "100",
                    "--deferred", gen]
@@ -341,3 +343,34 @@ def test_without_systemd_run_the_fallback_is_a_detached_process(host, ctx, monke
         assert all(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null" for fd in fds)
     finally:
         os.kill(pid, 9)
+
+
+def test_a_reboot_under_systemd_has_its_own_timer(host, hook, ctx, tmp_path, monkeypatch):
+    """The start's release is still pending when the reboot's post-stop schedules one for
+    the same generation: two timers, both run, the device goes back once."""
+    log = tmp_path / "systemd-run.log"
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SYSTEMD_RUN_LOG", str(log))
+    host.root.run("systemd", "system").mkdir(parents=True)
+    ctx._later = None
+    ctx.timeouts = ctx.timeouts._replace(give_back=0.2, lock=60)
+    nvme(host)
+    host.vm_config(100, f"hostpci0: {A}\n")
+    lock = host.root.run("lock", "qemu-server", "lock-100.conf")
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as held:  # both releases wait until the test has done both runs
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert hook(100, "pre-start")[0] == 0
+        reboot_flag(host, 100).touch()
+        code, out = hook(100, "post-stop")
+        assert code == 0 and "kept for the reboot; systemd timer" in out, out
+        assert host.driver_of(A) == "vfio-pci"
+    units = [next(a.split("=", 1)[1] for a in json.loads(line) if a.startswith("--unit="))
+             for line in log.read_text().splitlines()]
+    assert len(units) == len(set(units)) == 2
+    deadline = time.monotonic() + 60
+    rcs = [Path(f"{log}.{u}.rc") for u in units]
+    while not all(rc.exists() for rc in rcs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [rc.read_text() for rc in rcs] == ["0\n", "0\n"]
+    assert host.driver_of(A) == "nvme"
