@@ -37,7 +37,7 @@ class VmLockedError(VmBusyError):
 def qemu_server_lock(root: Root, vmid: int, timeout: float) -> Iterator[None]:
     """qemu-server's config lock of the VM (flock LOCK_EX, as PVE::Tools lock_file)."""
     path = root.run("lock", "qemu-server", f"lock-{vmid}.conf")
-    path.parent.mkdir(parents=True, exist_ok=True)  # qemu-server mkdirs it the same way
+    path.parent.mkdir(exist_ok=True)  # as qemu-server does; /run/lock is always there
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         deadline = time.monotonic() + timeout
@@ -79,6 +79,9 @@ def release(ctx: Context, vmid: int, generation: str | None = None,
         return True
 
     if running():
+        return
+    if ctx.journal.load(vmid) is None:  # read again under the locks below
+        log.info("nothing recorded for VM %d: nothing to give back", vmid)
         return
     with qemu_server_lock(ctx.root, vmid, lock_timeout):
         if running():  # started while we waited for the lock
