@@ -13,17 +13,19 @@ from .errors import BindError
 from .iommu import VFIO
 from .journal import DeviceRecord, VmRecord
 from .lvm import deactivate_guest_vgs
-from .paths import HOOK_PATH
 from .pci import PciAddress, PciDevice
 from .plan import Plan
 from .tasklog import log
 from .waits import processes_holding, vfio_nodes, wait_exit, wait_namespaces
 
 
-def assign(ctx: Context, plan: Plan) -> None:
-    """Bind every planned device to vfio-pci: all of them, or none."""
+def assign(ctx: Context, plan: Plan, generation: str | None = None) -> None:
+    """Bind every planned device to vfio-pci: all of them, or none. `generation` names
+    this start in the record (restarts.py: a deferred release acts only on its own)."""
     journal = ctx.journal
     record = journal.load(plan.vmid) or VmRecord(plan.vmid)
+    if generation is not None:
+        record.generation, record.kept_for_reboot = generation, None
     for step in (*plan.stays, *plan.steps):
         # An entry left from an earlier start of this VM keeps the driver it recorded.
         if record.find(str(step.device.address)) is None:
@@ -48,8 +50,9 @@ def assign(ctx: Context, plan: Plan) -> None:
         if errors:
             raise BindError("; ".join(errors.values()), hint=(
                 f"the kernel is still busy with {', '.join(sorted(errors.stuck))}: it stays"
-                f" in pvehook's record; once dmesg shows the driver let go, run"
-                f" `{HOOK_PATH} {plan.vmid} post-stop` to give it back" if errors.stuck else
+                f" in pvehook's record and goes back by itself later; once dmesg shows the"
+                f" driver let go, `pvehook release {plan.vmid}` gives it back at once"
+                if errors.stuck else
                 "every device was given back; see the kernel log (dmesg)"))
     except BaseException:
         # A device with a write still in the kernel cannot be given back now.
@@ -108,7 +111,7 @@ def give_back(ctx: Context, record: VmRecord, devices: list[DeviceRecord],
                 errors.append(
                     f"{rec.address} is still open through VFIO by pid {', '.join(map(str, left))}"
                     f" after {ctx.timeouts.vfio_release:.0f} s; left on vfio-pci. Once that"
-                    f" process is gone, run this hook's post-stop again")
+                    f" process is gone, run `pvehook release {record.vmid}`")
                 continue
         ready.append((dev, rec))
 

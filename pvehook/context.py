@@ -10,13 +10,16 @@ from .kernel import Kernel
 from .paths import Root
 
 
-class Timeouts(namedtuple("Timeouts", "rebind vfio_release namespaces lock",
-                            defaults=(60.0, 60.0, 60.0, 120.0))):
+class Timeouts(namedtuple("Timeouts", "rebind vfio_release namespaces lock give_back",
+                            defaults=(60.0, 60.0, 60.0, 120.0, None))):
     """Seconds. Proxmox gives the hook no timeout of its own, so every wait has one.
 
     rebind: one unbind/drivers_probe write (a real drive may take seconds);
     vfio_release: QEMU exiting and closing /dev/vfio/<group>; namespaces: namespaces
-    back and processed by udev; lock: a start waiting for a stop of the same device.
+    back and processed by udev; lock: a start waiting for a stop of the same device;
+    give_back: how long after pre-start, or after a post-stop that kept the devices for
+    a reboot, they go back unless the VM runs (None: qemu-server's start timeout for the
+    VM's config + 60 s, see restarts.py).
     """
 
     __slots__ = ()
@@ -37,11 +40,21 @@ class Context:
     """Each part defaults to the real one: / (or PVEHOOK_ROOT), this node, the env."""
 
     def __init__(self, root: Root | None = None, kernel: Kernel | None = None,
-                 node: str | None = None, timeouts: Timeouts | None = None):
+                 node: str | None = None, timeouts: Timeouts | None = None, later=None):
         self.root = root if root is not None else Root.from_env()
         self.kernel = kernel if kernel is not None else Kernel()
         self.node = node if node is not None else node_name()
         self.timeouts = timeouts if timeouts is not None else Timeouts.from_env()
+        self._later = later
+
+    @property
+    def later(self):
+        """What runs a deferred release (later.Later: a systemd timer or a process)."""
+        if self._later is None:
+            from .later import Later
+
+            self._later = Later(self.root)
+        return self._later
 
     @property
     def journal(self) -> Journal:

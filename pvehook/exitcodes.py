@@ -65,10 +65,11 @@ TABLE = (
            " every device was given back",
      "`reserve`: a driver did not release or take a device; every device was given back"),
     (GIVE_BACK, "post-stop could not give every device back (each one is reported)",
-     None),
+     "release: a device could not be given back (each one is reported)"),
     (VOLUME, "an LVM volume of the VM cannot be confirmed as a RAW volume",
      "`check`: the hook would refuse: an LVM volume is not a confirmed RAW volume"),
-    (VM_BUSY, None, "import-raw: the VM is running, locked, or on another node"),
+    (VM_BUSY, None, "import-raw: the VM is running, locked, or on another node; release: the"
+                    " VM is running, or a Proxmox task holds its lock"),
     (IMAGE_HEADER, None,
      "import-raw: the source starts with a disk-image or LUKS header (qemu-img would not"
      " copy it raw)"),

@@ -31,14 +31,25 @@ class DeviceRecord:
 
 class VmRecord:
     def __init__(self, vmid: int, devices: list[DeviceRecord] | None = None,
-                 written: float = 0.0):
+                 written: float = 0.0, generation: str | None = None,
+                 kept_for_reboot: float | None = None):
         self.vmid = vmid
         self.devices = devices if devices is not None else []
         self.written = written
+        # Which pre-start wrote it (restarts.new_generation): a deferred give-back acts
+        # only on the record of the start that scheduled it.
+        self.generation = generation
+        # When post-stop kept the devices on vfio-pci for a reboot (epoch seconds).
+        self.kept_for_reboot = kept_for_reboot
 
     def to_json(self) -> dict:
-        return {"vmid": self.vmid, "devices": [d.to_json() for d in self.devices],
-                "written": self.written}
+        out = {"vmid": self.vmid, "devices": [d.to_json() for d in self.devices],
+               "written": self.written}
+        if self.generation is not None:
+            out["generation"] = self.generation
+        if self.kept_for_reboot is not None:
+            out["kept_for_reboot"] = self.kept_for_reboot
+        return out
 
     def find(self, address: str) -> DeviceRecord | None:
         return next((d for d in self.devices if d.address == address), None)
@@ -58,7 +69,8 @@ class Journal:
         except FileNotFoundError:
             return None
         return VmRecord(data["vmid"], [DeviceRecord(**d) for d in data["devices"]],
-                        data.get("written", 0.0))
+                        data.get("written", 0.0), data.get("generation"),
+                        data.get("kept_for_reboot"))
 
     def save(self, record: VmRecord) -> None:
         if not record.devices:

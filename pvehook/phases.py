@@ -12,7 +12,12 @@ def pre_start(ctx: Context, vmid: int) -> None:
     from .plan import check, choose, prepare
 
     plan = prepare(ctx, vmid)
+    if not plan.refusals:
+        _give_back_unpassed(ctx, vmid, set(plan.candidates))
     if not plan.refusals and plan.hostpci:
+        from .restarts import needs_release, new_generation, schedule_release
+
+        generation = new_generation()
         # Mapping alternatives are chosen under the lock of every candidate, so a device
         # another start is taking is seen as taken and the next one is chosen. All the
         # locks are taken at once in one global order (device_locks sorts): no deadlock.
@@ -31,10 +36,25 @@ def pre_start(ctx: Context, vmid: int) -> None:
                 _list_guest(ctx, vmid, plan.managed)
                 from .assign import assign  # only now: moving devices needs rebind, lvm, waits
 
-                assign(ctx, plan)
+                before = ctx.journal.load(vmid)
+                try:
+                    assign(ctx, plan, generation)
+                finally:
+                    # qemu-server runs no post-stop when the start fails from here on; and
+                    # a device the kernel was still busy with at a rollback stays recorded.
+                    record = ctx.journal.load(vmid)
+                    if record is not None and record.generation == generation \
+                            and needs_release(record):
+                        schedule_release(ctx, vmid, generation, "if this start fails")
                 from .pins import commit
 
                 commit(ctx, plan)  # pins a drive seen for the first time, once the start succeeded
+                if before is not None and before.kept_for_reboot is not None:
+                    for dev in before.devices:
+                        if record is not None and record.find(dev.address):
+                            log.info("%s: on vfio-pci since the reboot of VM %d; goes back to %s"
+                                     " when it stops", dev.address, vmid,
+                                     dev.original_driver or "no driver")
     else:
         _report(plan)
 
@@ -81,6 +101,26 @@ def _list_guest(ctx: Context, vmid: int, managed) -> None:
                     " the guest's LVM/md after the next reboot", ctx.root.lib_dir, e)
 
 
+def _give_back_unpassed(ctx: Context, vmid: int, passed_now: set[str]) -> None:
+    """Devices still in this VM's record (kept for its reboot) that its config no longer
+    passes (a change applied at the restart): back to the host now."""
+    record = ctx.journal.load(vmid)
+    gone = [d.address for d in record.devices if d.address not in passed_now] if record else []
+    if not gone:
+        return
+    from .assign import give_back
+    from .journal import device_locks
+
+    with device_locks(ctx.root, gone, ctx.timeouts.lock):
+        record = ctx.journal.load(vmid)  # again, under the locks
+        devices = [d for d in record.devices if d.address in gone] if record else []
+        for dev in devices:
+            log.info("%s: VM %d does not pass it any more: giving it back", dev.address, vmid)
+        errors = give_back(ctx, record, devices) if devices else []
+    for err in errors:  # the start itself does not need these devices
+        log.warning("%s", err)
+
+
 def _report(plan) -> None:
     for line in plan.lines:
         log.info("%s", line)
@@ -91,6 +131,7 @@ def _report(plan) -> None:
 def post_stop(ctx: Context, vmid: int) -> None:
     from .assign import give_back
     from .journal import device_locks
+    from .restarts import reboot_requested
 
     journal = ctx.journal
     record = journal.load(vmid)
@@ -101,6 +142,29 @@ def post_stop(ctx: Context, vmid: int) -> None:
         record = journal.load(vmid)  # again, under the locks
         if record is None:
             return
+        if reboot_requested(ctx.root, vmid) and _keep_for_reboot(ctx, record):
+            return
         errors = give_back(ctx, record, list(record.devices))
     if errors:
         raise GiveBackError("; ".join(errors))
+
+
+def _keep_for_reboot(ctx: Context, record) -> bool:
+    """`qm reboot`: leave the devices on vfio-pci for the start that follows, with a
+    deferred release in case it never comes. False: give them back now."""
+    import time
+
+    from .restarts import needs_release, new_generation, schedule_release
+
+    if not needs_release(record):
+        return False
+    record.generation = record.generation or new_generation()
+    record.kept_for_reboot = time.time()
+    ctx.journal.save(record)
+    if not schedule_release(ctx, record.vmid, record.generation, "kept for the reboot"):
+        log.warning("VM %d: giving its devices back now instead", record.vmid)
+        return False
+    for dev in record.devices:
+        log.info("%s stays on vfio-pci for the reboot of VM %d (recorded: goes back to %s"
+                 " when it stops)", dev.address, record.vmid, dev.original_driver or "no driver")
+    return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fakesys import FakeHost, FakeKernel
+from fakesys import FakeHost, FakeKernel, FakeLater
 from pvehook.context import Context, Timeouts
 
 
@@ -16,7 +16,8 @@ def host(tmp_path):
 @pytest.fixture
 def ctx(host):
     return Context(root=host.root, kernel=FakeKernel(host), node="pve1",
-                   timeouts=Timeouts(rebind=5, vfio_release=5, namespaces=5, lock=5))
+                   timeouts=Timeouts(rebind=5, vfio_release=5, namespaces=5, lock=5),
+                   later=FakeLater())
 
 
 @pytest.fixture

@@ -554,3 +554,30 @@ class FakeKernel(Kernel):
     def ipv4_addresses(self) -> dict[str, list[str]]:
         path = self.host.fake / "ipv4.json"
         return json.loads(path.read_text()) if path.exists() else {}
+
+
+class FakeLater:
+    """Stands in for pvehook.later.Later: keeps each scheduled release; `fire` runs them
+    now, in this process, against the test's context (its fake kernel)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[int, str, float]] = []  # (vmid, generation, delay)
+
+    def release_after(self, ctx, vmid: int, generation: str, delay: float) -> str:
+        self.jobs.append((vmid, generation, delay))
+        return f"fake timer {len(self.jobs)}"
+
+    def fire(self, ctx) -> list[int]:
+        """Run every job scheduled so far (time has passed); their exit codes."""
+        from pvehook.errors import PvehookError
+        from pvehook.release import deferred_release
+
+        jobs, self.jobs = self.jobs, []
+        codes = []
+        for vmid, generation, _delay in jobs:
+            try:
+                deferred_release(ctx, vmid, generation)
+                codes.append(0)
+            except PvehookError as e:
+                codes.append(e.exit_code)
+        return codes

@@ -25,6 +25,7 @@ Examples:
   pvehook register 100 --enable-snippets local
   pvehook status --json              NVMe controllers, for scripts
   pvehook import-raw 100 /dev/disk/by-id/nvme-X local-lvm   seed a VM's disk
+  pvehook release 100                give a stopped VM's devices back to the host
   pvehook unregister 100
 
 \b
