@@ -61,8 +61,11 @@ def swaps(root: Root) -> set[str]:
     return {_unescape(line.split()[0]) for line in lines if line.strip()}
 
 
-def _holder_kind(dev: BlockDevice) -> str:
+def holder_kind(dev: BlockDevice) -> str:
+    """What a device stacked on a disk is, by its device-mapper uuid or name."""
     uuid = dev.dm_uuid or ""
+    if re.match(r"^part\d+-", uuid):
+        return "a partition mapping (kpartx)"
     if uuid.startswith("LVM-"):
         return "an active LVM volume"
     if uuid.startswith("CRYPT-"):
@@ -72,6 +75,43 @@ def _holder_kind(dev: BlockDevice) -> str:
     if dev.name.startswith("md"):
         return "an md array"
     return "a stacked device"
+
+
+def stack_use(dev: BlockDevice, all_mounts: list[Mount], active_swaps: set[str],
+              names: tuple[str, ...] = (), ignore: frozenset[str] = frozenset()
+              ) -> tuple[list[str], list[BlockDevice]]:
+    """What the host does with `dev` and every device stacked on it, each as a predicate
+    ("is mounted at /srv through dm-0 (vg-lv)", "is active swap", "is held by dm-0
+    (vg-lv), an active LVM volume", "holds /: it is the host's own system disk"), and the
+    stack. `names`: other /dev paths of `dev` (an LV's /dev/<vg>/<lv>, /dev/mapper/...);
+    `ignore`: holders left out (see host_use). The one check of a disk (usage.host_use)
+    and of an LVM volume (volumes) alike."""
+    stack = [dev, *dev.holder_stack()]
+    by_devnum = {d.devnum: d for d in stack if d.exists()}
+    by_path = {f"/dev/{d.name}": d for d in stack}
+    by_path.update({n: dev for n in names})
+
+    def via(d: BlockDevice) -> str:
+        return "" if d is dev else f" through {d.label()}"
+
+    out: list[str] = []
+    for m in all_mounts:
+        on = by_devnum.get(m.devnum) or by_path.get(m.source)
+        if on is None:
+            continue
+        if m.mountpoint in _HOST_CRITICAL:
+            out.append(f"holds {m.mountpoint}{via(on)}: it is the host's own system disk")
+        else:
+            out.append(f"is mounted at {m.mountpoint}{via(on)}")
+    swapping = []
+    for path, d in by_path.items():
+        if path in active_swaps and d not in swapping:
+            swapping.append(d)
+            out.append(f"is active swap{via(d)}")
+    for h in dev.holders():
+        if h.name not in ignore:
+            out.append(f"is held by {h.label()}, {holder_kind(h)}")
+    return out, stack
 
 
 def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice],
@@ -87,27 +127,8 @@ def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice],
     for disk in disks:
         members = [disk, *disk.partitions()]
         for dev in members:
-            stack = [dev, *dev.holder_stack()]
-            stack_nums = {d.devnum: d for d in stack if d.exists()}
-            for m in all_mounts:
-                on = stack_nums.get(m.devnum) or next(
-                    (d for d in stack if m.source == f"/dev/{d.name}"), None)
-                if on is None:
-                    continue
-                via = "" if on is dev else f" through {on.label()}"
-                if m.mountpoint in _HOST_CRITICAL:
-                    use.reasons.append(
-                        f"{dev.name} holds {m.mountpoint}{via}: it is the host's own system disk")
-                else:
-                    use.reasons.append(f"{dev.name} is mounted at {m.mountpoint}{via}")
-            for d in stack:
-                if f"/dev/{d.name}" in active_swaps:
-                    via = "" if d is dev else f" through {d.label()}"
-                    use.reasons.append(f"{dev.name} is active swap{via}")
-            for h in dev.holders():
-                if h.name in ignore:
-                    continue
-                use.reasons.append(f"{dev.name} is held by {h.label()}, {_holder_kind(h)}")
+            uses, stack = stack_use(dev, all_mounts, active_swaps, ignore=ignore)
+            use.reasons += [f"{dev.name} {u}" for u in uses]
             _open_by(openers, dev, stack, use)
             props = dev.udev() or {}
             fs = props.get("ID_FS_TYPE")

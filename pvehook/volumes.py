@@ -101,45 +101,19 @@ def _rotational(ctx: Context, pv_path: str) -> tuple[str, bool | None]:
         return name, None
 
 
-def _holder_kind(dev: BlockDevice) -> str:
-    uuid = dev.dm_uuid or ""
-    if re.match(r"^part\d+-", uuid):
-        return "a partition mapping (kpartx)"
-    if uuid.startswith("LVM-"):
-        return "an LVM volume the host activated on it"
-    if uuid.startswith("CRYPT-"):
-        return "an open LUKS mapping"
-    if dev.dm_uuid is not None:
-        return "a device-mapper device"
-    return "a stacked device"
-
-
 def _host_use(ctx: Context, lv: _Lv, vol: LvmVolume) -> tuple[list[str], BlockDevice | None]:
-    """Why the host uses this active LV (empty: it does not), and its dm device."""
-    from .usage import mounts, swaps
+    """Why the host uses this active LV (empty: it does not), and its dm device: the
+    same check as for a disk (usage.stack_use), plus LVM's own open count."""
+    from .usage import mounts, stack_use, swaps
 
     link = ctx.root.sys("dev", "block", lv.devnum)
     if not link.exists():
         return [f"LVM reports it active as {lv.devnum}, but there is no such device in sysfs"], None
     dm = BlockDevice(ctx.root, Path(os.path.realpath(link)).name, Path(os.path.realpath(link)))
-    names = {f"/dev/{dm.name}", vol.dev_path}
-    if dm.dm_name:
-        names.add(f"/dev/mapper/{dm.dm_name}")
-    reasons: list[str] = []
-    stack = [dm, *dm.holder_stack()]
-    by_devnum = {d.devnum: d for d in stack if d.exists()}
-    for m in mounts(ctx.root):
-        on = by_devnum.get(m.devnum)
-        if on is None and m.source in names:
-            on = dm
-        if on is not None:
-            via = "" if on is dm else f" through {on.label()}"
-            reasons.append(f"mounted at {m.mountpoint}{via}")
-    active_swaps = swaps(ctx.root)
-    if any(n in active_swaps for n in names):
-        reasons.append("active swap")
-    for h in dm.holders():
-        reasons.append(f"held by {h.label()}, {_holder_kind(h)}")
+    names = (vol.dev_path, *([f"/dev/mapper/{dm.dm_name}"] if dm.dm_name else []))
+    uses, _stack = stack_use(dm, mounts(ctx.root), swaps(ctx.root), names)
+    # "mounted at /srv", "active swap": the message already names the volume
+    reasons = [u[len("is "):] if u.startswith("is ") else u for u in uses]
     if not reasons and lv.get("lv_device_open") == "open":
         reasons.append("open by a process (another VM's QEMU, a backup, dd...)")
     return reasons, dm

@@ -235,7 +235,7 @@ def test_lv_swap(ctx, node, lvm):
 
 
 @pytest.mark.parametrize("uuid, kind", [
-    ("LVM-guestvguuidguestlvuuid", "an LVM volume the host activated on it"),
+    ("LVM-guestvguuidguestlvuuid", "an active LVM volume"),
     ("part1-LVM-uuid4", "a partition mapping (kpartx)"),
 ])
 def test_vg_activated_on_top(ctx, node, lvm, uuid, kind):

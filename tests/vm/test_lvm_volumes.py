@@ -161,7 +161,7 @@ def test_lvm_volumes_on_real_lvm(vm_workdir):
 
     r = load("stacked")["104"]
     assert r["codes"] == [15]
-    assert "(guestvg-root), an LVM volume the host activated on it" in r["refusals"][0]
+    assert "(guestvg-root), an active LVM volume" in r["refusals"][0]
 
     # Once the host lets go of the guest's VG, the volume is confirmed again.
     r = load("unstacked")["104"]
