@@ -119,20 +119,29 @@ class BlockDevice(namedtuple("BlockDevice", "root name sys_path")):
         return props
 
 
-def namespaces(dev: PciDevice) -> list[BlockDevice]:
-    """The whole-disk namespaces of every NVMe controller under this PCI function."""
-    root = dev.root
-    out: list[BlockDevice] = []
+def controller_entries(dev: PciDevice) -> list[tuple[str, list[str]]]:
+    """(nvmeX, the names in its sysfs directory) of every NVMe controller under this PCI
+    function: its namespaces nvmeXnY, or its multipath paths nvmeScXnY."""
     base = dev.sys_path / "nvme"
     try:
         ctrls = sorted(os.listdir(base))
     except FileNotFoundError:
         return []
+    out = []
     for ctrl in ctrls:
         try:
-            entries = sorted(os.listdir(base / ctrl))
-        except FileNotFoundError:
+            out.append((ctrl, sorted(os.listdir(base / ctrl))))
+        except OSError:  # gone meanwhile (unbound)
             continue
+    return out
+
+
+def namespaces(dev: PciDevice) -> list[BlockDevice]:
+    """The whole-disk namespaces of every NVMe controller under this PCI function."""
+    root = dev.root
+    out: list[BlockDevice] = []
+    base = dev.sys_path / "nvme"
+    for ctrl, entries in controller_entries(dev):
         for name in entries:
             if _DISK_RE.match(name) and (base / ctrl / name / "dev").exists():
                 out.append(BlockDevice(root, name, Path(os.path.realpath(base / ctrl / name))))

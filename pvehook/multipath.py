@@ -14,6 +14,7 @@ import re
 from collections import namedtuple
 from pathlib import Path
 
+from .block import controller_entries
 from .pci import PciAddress, PciDevice
 
 _PATH_RE = re.compile(r"^nvme(\d+)c(\d+)n(\d+)$")
@@ -51,16 +52,7 @@ def other_paths(dev: PciDevice) -> list[OtherPath]:
     `dev`."""
     root = dev.root
     out: list[OtherPath] = []
-    base = dev.sys_path / "nvme"
-    try:
-        ctrls = sorted(os.listdir(base))
-    except FileNotFoundError:
-        return out
-    for ctrl in ctrls:
-        try:
-            entries = sorted(os.listdir(base / ctrl))
-        except OSError:
-            continue
+    for ctrl, entries in controller_entries(dev):
         for name in entries:
             m = _PATH_RE.match(name)
             if not m:

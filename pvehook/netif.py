@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .kernel import Kernel
 from .paths import Root
+from .pci import class_devices_under
 
 IFF_UP = 0x1
 _SCOPE_LINK = 0x20  # /proc/net/if_inet6 scope of fe80::/10 (IPV6_ADDR_LINKLOCAL)
@@ -56,18 +57,7 @@ class NetIf(namedtuple("NetIf", "name sys_path")):
 def interfaces_under(root: Root, sys_dir: Path) -> list[NetIf]:
     """Every interface whose device sits under `sys_dir` (<pci>/net/eth0, or deeper as
     virtio-net's <pci>/virtio0/net/eth0)."""
-    base = root.sys("class", "net")
-    real = os.path.realpath(sys_dir) + os.sep
-    try:
-        names = sorted(os.listdir(base))
-    except FileNotFoundError:
-        return []
-    out = []
-    for name in names:
-        path = os.path.realpath(base / name)
-        if path.startswith(real):
-            out.append(NetIf(name, Path(path)))
-    return out
+    return [NetIf(name, path) for name, path in class_devices_under(root, "net", sys_dir)]
 
 
 def ipv6_addresses(root: Root) -> dict[str, list[str]]:

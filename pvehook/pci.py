@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections import namedtuple
+from pathlib import Path
 
 from .errors import ConfigError
 from .paths import Root
@@ -67,6 +68,23 @@ class PciSelector(namedtuple("PciSelector", "domain bus slot function")):
     def __str__(self) -> str:
         base = f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}"
         return base if self.function is None else f"{base}.{self.function:x}"
+
+
+def class_devices_under(root: Root, cls: str, sys_dir) -> list[tuple[str, Path]]:
+    """(name, real directory) of every /sys/class/<cls> device that sits under `sys_dir`
+    (a PCI function's disks behind ata/host/target, its net interfaces, at any depth)."""
+    base = root.sys("class", cls)
+    real = os.path.realpath(sys_dir) + os.sep
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        path = os.path.realpath(base / name)
+        if path.startswith(real):
+            out.append((name, Path(path)))
+    return out
 
 
 class PciDevice:

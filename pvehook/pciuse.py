@@ -10,14 +10,13 @@ named in a line and goes.
 from __future__ import annotations
 
 import errno
-import os
 
 from .block import BlockDevice, namespaces
 from .context import Context
 from .netif import host_use as net_use
 from .netif import interfaces_under
 from .paths import Root
-from .pci import PciDevice
+from .pci import PciDevice, class_devices_under
 from .usage import host_use as disk_use
 
 
@@ -28,17 +27,9 @@ def disks_under(root: Root, dev: PciDevice) -> list[BlockDevice]:
     virtio0/block/vda, mmc_host/.../block/mmcblk0)."""
     if dev.is_nvme:
         return namespaces(dev)
-    base = root.sys("class", "block")
-    real = os.path.realpath(dev.sys_path) + os.sep
-    try:
-        names = sorted(os.listdir(base))
-    except FileNotFoundError:
-        return []
     out = []
-    for name in names:
-        path = os.path.realpath(base / name)
-        if path.startswith(real) and not os.path.exists(os.path.join(path, "partition")) \
-                and os.path.exists(os.path.join(path, "dev")):
+    for name, path in class_devices_under(root, "block", dev.sys_path):
+        if not (path / "partition").exists() and (path / "dev").exists():
             out.append(BlockDevice.by_name(root, name))
     return out
 

@@ -26,13 +26,7 @@ def reserve(cctx, vmid, as_json):
     """
     from ..reserve import reserve as do_reserve
 
-    require_root()
-    lines: list[str] = []
-    say = lines.append if as_json else click.echo
-    addrs = do_reserve(context(), vmid, say)
-    if as_json:
-        emit_json({"vmid": vmid, "reserved": addrs, "lines": lines})
-    cctx.exit(0)
+    _run(cctx, do_reserve, vmid, as_json, "reserved")
 
 
 @cli.command(epilog="\b\nExample:\n  pvehook unreserve 100")
@@ -44,10 +38,14 @@ def unreserve(cctx, vmid, as_json):
     stopped, at its post-stop if it runs) and the host sees their disks again."""
     from ..reserve import unreserve as do_unreserve
 
+    _run(cctx, do_unreserve, vmid, as_json, "unreserved")
+
+
+def _run(cctx, action, vmid: int, as_json: bool, key: str) -> None:
+    """Run reserve/unreserve as root; its lines on stdout, or in the JSON."""
     require_root()
     lines: list[str] = []
-    say = lines.append if as_json else click.echo
-    addrs = do_unreserve(context(), vmid, say)
+    addrs = action(context(), vmid, lines.append if as_json else click.echo)
     if as_json:
-        emit_json({"vmid": vmid, "unreserved": addrs, "lines": lines})
+        emit_json({"vmid": vmid, key: addrs, "lines": lines})
     cctx.exit(0)
