@@ -30,6 +30,12 @@ class ConfigError(PvehookError, ValueError):
     exit_code = 1
 
 
+class StateDirError(PvehookError):
+    """/run/pvehook (records, locks) or a file in it is not pvehook's alone."""
+
+    exit_code = 1
+
+
 class DeviceNotFoundError(PvehookError, LookupError):
     """A hostpci id or mapping names nothing on this node."""
 

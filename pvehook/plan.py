@@ -117,8 +117,8 @@ def check_device(ctx: Context, dev: PciDevice, passed: set[PciAddress], holds: H
             plan.lines.append(f"{addr}: {note}")
     if len(plan.refusals) > refused:
         return
+    stale = holds.stale_record(addr)  # a whole record is stale, whatever the driver now
     if driver == VFIO:
-        stale = holds.stale_record(addr)
         original = stale[1].original_driver if stale else VFIO
         if stale:
             plan.lines.append(f"{addr}: left on vfio-pci by VM {stale[0].vmid}, which no longer"
@@ -131,12 +131,13 @@ def check_device(ctx: Context, dev: PciDevice, passed: set[PciAddress], holds: H
         names = ", ".join(d.name for d in disks) or "no namespaces"
         plan.lines.append(f"{addr}: {driver or 'no driver'} ({names}), IOMMU group {group}"
                           " isolated, not used by the host")
-        plan.steps.append(Step(dev, driver, len(disks)))
+        plan.steps.append(Step(dev, driver, len(disks), stale[0].vmid if stale else None))
 
 
 def check(ctx: Context, plan: Plan, managed: list[PciDevice], passed: set[PciAddress]) -> None:
     """Check every managed device; all are checked before anything changes."""
     holds = Holds(ctx.root, ctx.journal, plan.vmid)
+    plan.lines += holds.notes
     for dev in managed:
         check_device(ctx, dev, passed, holds, plan)
 
