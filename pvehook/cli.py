@@ -383,6 +383,7 @@ def import_raw(vmid, source, storage, key, cache, no_discard, no_register, snipp
         if plan.hookscript:
             echo(f"would register the hookscript {plan.hookscript} on VM {vmid}")
         echo("dry run: nothing changed")
+        plan.release()
         if as_json:
             _emit_json({**plan.as_dict(), "dry_run": True})
         return 0
