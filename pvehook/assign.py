@@ -23,7 +23,7 @@ from .waits import processes_holding, vfio_nodes, wait_exit, wait_namespaces
 def assign(ctx: Context, plan: Plan) -> None:
     """Bind every planned device to vfio-pci: all of them, or none."""
     # The undo, before the change: saved when the with block ends.
-    with ctx.journal.modify(plan.vmid) as record:
+    with ctx.journal.modify(plan.vmid, ctx.timeouts.lock) as record:
         for step in (*plan.stays, *plan.steps):
             # An entry left from an earlier start of this VM keeps the driver it recorded.
             if record.find(str(step.device.address)) is None:
@@ -70,7 +70,7 @@ def assign(ctx: Context, plan: Plan) -> None:
 
 
 def _forget(ctx: Context, vmid: int, address: str) -> None:
-    with ctx.journal.modify(vmid) as other:  # another VM's record: under its lock
+    with ctx.journal.modify(vmid, ctx.timeouts.lock) as other:  # another VM's: under its lock
         other.devices = [d for d in other.devices if d.address != address]
 
 
@@ -132,7 +132,7 @@ def give_back(ctx: Context, record: VmRecord, devices: list[DeviceRecord],
             log.info("%s", back)
     gone = {d.address for d in done}
     record.devices = [d for d in record.devices if d.address not in gone]
-    with ctx.journal.modify(record.vmid) as current:
+    with ctx.journal.modify(record.vmid, ctx.timeouts.lock) as current:
         current.devices = [d for d in current.devices if d.address not in gone]
     return errors
 

@@ -330,3 +330,27 @@ def test_the_cli_vmid_type(vmid):
     res = CliRunner().invoke(cli, ["check", vmid])
     assert res.exit_code == 2
     assert "is not a Proxmox VM id" in res.output
+
+
+def test_another_vms_record_is_rewritten_only_under_its_lock(host, hook, ctx, monkeypatch):
+    """VM 100 takes over a device from VM 200's stale record while VM 200's record lock
+    is held (VM 200's own run rewriting it): the take-over waits for that lock, and
+    gives up after its deadline without moving anything or touching the record."""
+    import pvehook.holds
+    from pvehook.journal import record_lock
+
+    nvme(host)
+    host.vm_config(100, f"hostpci0: {A}\n")
+    host.vm_config(200, f"hostpci0: {A}\n")
+    assert hook(200, "pre-start")[0] == 0
+    before = (host.root.state_dir / "200.json").read_bytes()
+    monkeypatch.setattr(pvehook.holds, "RECORD_GRACE_S", 0.0)
+    ctx.timeouts = ctx.timeouts._replace(lock=0.3)
+    with record_lock(host.root, 200):
+        code, out = hook(100, "pre-start")
+    assert code == 12 and "the record of VM 200 is locked" in out, out
+    assert (host.root.state_dir / "200.json").read_bytes() == before
+    assert host.driver_of(A) == "vfio-pci"  # still where VM 200 left it
+    code, out = hook(100, "pre-start")  # the lock free: taken over
+    assert code == 0 and "taken over" in out, out
+    assert record(host, 200) is None
