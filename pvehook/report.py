@@ -17,6 +17,7 @@ from .block import controller_serial, namespaces
 from .context import Context, node_name
 from .errors import ConfigError, PvehookError
 from .holds import Holds, vm_running
+from .hook import is_vmid
 from .mapping import load_pci_mappings
 from .paths import Root
 from .pci import PciAddress, PciDevice
@@ -66,7 +67,7 @@ def vm_configs(root: Root, node: str | None = None) -> list[tuple[str, int, VmCo
         except (FileNotFoundError, NotADirectoryError):
             continue
         for name in names:
-            if not (name.endswith(".conf") and name[:-5].isdigit()):
+            if not (name.endswith(".conf") and is_vmid(name[:-5])):  # not "².conf"
                 continue
             vmid = int(name[:-5])
             path = d / name

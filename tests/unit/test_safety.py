@@ -354,3 +354,12 @@ def test_another_vms_record_is_rewritten_only_under_its_lock(host, hook, ctx, mo
     code, out = hook(100, "pre-start")  # the lock free: taken over
     assert code == 0 and "taken over" in out, out
     assert record(host, 200) is None
+
+
+def test_a_config_file_with_an_odd_vmid_is_not_a_vm(host, ctx):
+    from pvehook.report import vm_configs
+
+    host.vm_config(100, "memory: 512\n")
+    for odd in ("²", "١٢٣", "099"):
+        host.root.pve("qemu-server", f"{odd}.conf").write_text("memory: 512\n")
+    assert [vmid for _n, vmid, _c in vm_configs(host.root)] == [100]
