@@ -30,7 +30,9 @@ Exit codes:
       12 held by another VM, 13 bind, 14 give-back, 15 volume);
       import-raw: 11 the host uses the source disk
   16  import-raw: the VM is running, locked, or on another node
-  17  import-raw: the source starts with a disk-image or LUKS header"""
+  17  import-raw: the source starts with a disk-image or LUKS header, or
+      its first sector cannot be read; (import-raw: 12 a VM start holds the
+      source controller's lock)"""
 
 MAIN_HELP = f"""Safe NVMe passthrough for Proxmox VE: opt VMs in to the pvehook hookscript
 and see what it will do. Run as root on a Proxmox VE node.
@@ -336,8 +338,9 @@ Exit codes: 0 done; 1 Proxmox refused or the import task failed; 2 bad usage (th
 source is not a whole block device, the slot is taken); 4 not root; 5 not a Proxmox
 VE node; 6 no such VM; 7 storage missing, not lvm/lvmthin, or no snippets storage
 to register the hookscript; 8 the VM has another hookscript (--no-register); 11 the
-host uses the source disk; 16 the VM is running, locked or on another node; 17 the
-source starts with a disk-image or LUKS header.""")
+host uses the source disk; 12 a VM starting or stopping holds the source controller's
+lock; 16 the VM is running, locked or on another node; 17 the source starts with a
+disk-image or LUKS header, or its first sector cannot be read.""")
 @click.argument("vmid", type=VMID, shell_complete=_vmid_completion)
 @click.argument("source", metavar="SOURCE_DISK")
 @click.argument("storage")
