@@ -12,13 +12,14 @@ import sys
 from .errors import PvehookError, Refusals, UsageError
 
 
+PHASES_WITHOUT_WORK = ("post-start", "pre-stop")
+USAGE = "usage: pvehook-hook <vmid> <phase>  (phase: pre-start, post-start, pre-stop, post-stop)"
+
+
 def is_vmid(text: str) -> bool:
     """Proxmox's pve-vmid format (pve-common JSONSchema: ^[1-9][0-9]{2,8}$), ASCII only:
     str.isdigit() alone takes '²', and int() reads '١٢٣' as 123."""
     return text.isascii() and text.isdigit() and text[0] != "0" and 3 <= len(text) <= 9
-
-PHASES_WITHOUT_WORK = ("post-start", "pre-stop")
-USAGE = "usage: pvehook-hook <vmid> <phase>  (phase: pre-start, post-start, pre-stop, post-stop)"
 
 
 def run(argv: list[str], ctx=None) -> int:

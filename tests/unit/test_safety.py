@@ -363,3 +363,30 @@ def test_a_config_file_with_an_odd_vmid_is_not_a_vm(host, ctx):
     for odd in ("²", "١٢٣", "099"):
         host.root.pve("qemu-server", f"{odd}.conf").write_text("memory: 512\n")
     assert [vmid for _n, vmid, _c in vm_configs(host.root)] == [100]
+
+
+# -- the fake kernel itself ---------------------------------------------------------------------
+
+def test_the_fake_kernel_binds_only_what_the_driver_matches(host, ctx):
+    """As pci_bus_match: with driver_override only that driver, else an id of the
+    driver's table or one added with new_id."""
+    import errno
+
+    nvme(host)
+    host.add_driver("vfio-pci")
+    drivers = host.sys / "bus/pci/drivers"
+    k = ctx.kernel
+    k.write(drivers / "nvme/unbind", A)
+    for drv in ("vfio-pci", "e1000e"):
+        with pytest.raises(OSError) as e:
+            k.write(drivers / drv / "bind", A)
+        assert e.value.errno == errno.ENODEV and host.driver_of(A) is None
+    k.write(drivers / "vfio-pci/new_id", "1b36 0010")
+    k.write(drivers / "vfio-pci/bind", A)
+    assert host.driver_of(A) == "vfio-pci"
+    k.write(drivers / "vfio-pci/unbind", A)
+    k.write(host.device_dir(A) / "driver_override", "e1000e")
+    with pytest.raises(OSError):
+        k.write(drivers / "nvme/bind", A)  # its own driver, but the override says e1000e
+    k.write(host.sys / "bus/pci/drivers_probe", A)
+    assert host.driver_of(A) == "e1000e"  # the override wins over every id table
