@@ -258,6 +258,25 @@ def test_a_directory_of_another_user_is_refused_and_left_alone(host, hook, which
     assert sorted(os.listdir(d)) == ["x"] and d.stat().st_uid == 65534
 
 
+@needs_root
+@pytest.mark.parametrize("name", [f"{A}.lock", "100.json"])
+def test_a_file_of_another_user_is_refused(host, hook, name):
+    host.root.lock_dir.mkdir(parents=True)
+    os.chmod(host.root.state_dir, 0o700)
+    os.chmod(host.root.lock_dir, 0o700)
+    f = (host.root.lock_dir if name.endswith(".lock") else host.root.state_dir) / name
+    content = "" if name.endswith(".lock") else '{"vmid": 100, "devices": []}'
+    f.write_text(content)
+    os.chown(f, 65534, 65534)
+    nvme(host)
+    host.vm_config(100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 1, out
+    assert str(f) in out
+    assert host.driver_of(A) == "nvme"
+    assert f.read_text() == content and f.stat().st_uid == 65534
+
+
 @pytest.mark.parametrize("which", ["state", "locks", "lock file", "record"])
 def test_links_are_never_followed(host, hook, tmp_path, which):
     """A link where a directory, lock or record belongs: refused; its target is
