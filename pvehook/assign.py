@@ -22,18 +22,20 @@ from .waits import processes_holding, vfio_nodes, wait_exit, wait_namespaces
 def assign(ctx: Context, plan: Plan, generation: str | None = None) -> None:
     """Bind every planned device to vfio-pci: all of them, or none. `generation` names
     this start in the record (restarts.py: a deferred release acts only on its own)."""
-    journal = ctx.journal
-    record = journal.load(plan.vmid) or VmRecord(plan.vmid)
-    if generation is not None:
-        record.generation, record.kept_for_reboot = generation, None
+    # The undo, before the change: saved when the with block ends.
+    with ctx.journal.modify(plan.vmid, ctx.timeouts.lock) as record:
+        if generation is not None:
+            record.generation, record.kept_for_reboot = generation, None
+        for step in (*plan.stays, *plan.steps):
+            # An entry left from an earlier start of this VM keeps the driver it recorded.
+            if record.find(str(step.device.address)) is None:
+                record.devices.append(DeviceRecord(
+                    str(step.device.address), step.original_driver, step.namespaces))
+    # Only now out of the stale record it was in: a kill in between leaves it in both,
+    # never in neither.
     for step in (*plan.stays, *plan.steps):
-        # An entry left from an earlier start of this VM keeps the driver it recorded.
-        if record.find(str(step.device.address)) is None:
-            record.devices.append(DeviceRecord(
-                str(step.device.address), step.original_driver, step.namespaces))
         if step.taken_from is not None:
             _forget(ctx, step.taken_from, str(step.device.address))
-    journal.save(record)  # the undo, before the change
     if not plan.steps:
         return
     moving = [record.find(str(s.device.address)) for s in plan.steps]
@@ -71,11 +73,8 @@ def assign(ctx: Context, plan: Plan, generation: str | None = None) -> None:
 
 
 def _forget(ctx: Context, vmid: int, address: str) -> None:
-    journal = ctx.journal
-    other = journal.load(vmid)
-    if other is not None:
+    with ctx.journal.modify(vmid, ctx.timeouts.lock) as other:  # another VM's: under its lock
         other.devices = [d for d in other.devices if d.address != address]
-        journal.save(other)
 
 
 def give_back(ctx: Context, record: VmRecord, devices: list[DeviceRecord],
@@ -136,7 +135,8 @@ def give_back(ctx: Context, record: VmRecord, devices: list[DeviceRecord],
             log.info("%s", back)
     gone = {d.address for d in done}
     record.devices = [d for d in record.devices if d.address not in gone]
-    ctx.journal.save(record)
+    with ctx.journal.modify(record.vmid, ctx.timeouts.lock) as current:
+        current.devices = [d for d in current.devices if d.address not in gone]
     return errors
 
 

@@ -32,6 +32,12 @@ class ConfigError(PvehookError, ValueError):
     exit_code = codes.ERROR
 
 
+class StateDirError(PvehookError):
+    """/run/pvehook (records, locks) or a file in it is not pvehook's alone."""
+
+    exit_code = codes.ERROR
+
+
 class DeviceNotFoundError(PvehookError, LookupError):
     """A hostpci id or mapping names nothing on this node."""
 

@@ -32,8 +32,9 @@ TABLE = (
     (OK, "done, or nothing to do",
      "done; `doctor`: the node is ready; `check`: the hook would start the VM"),
     (ERROR, "the VM config is missing or unreadable/malformed, qemu-server would refuse it"
-            " (`pcie=1` without q35, legacy-igd rules, a `hostpciN` it would drop), or an"
-            " unexpected error",
+            " (`pcie=1` without q35, legacy-igd rules, a `hostpciN` it would drop), a pvehook"
+            " record cannot be read, `/run/pvehook` (or its `locks`) is not root's alone (a"
+            " link, another owner: remove it, as the message says), or an unexpected error",
      "error: a Proxmox API error, an unreadable or malformed config"),
     (USAGE, "usage: missing arguments or a malformed vmid", "bad usage"),
     (NO_DEVICE, "a `hostpci` id or mapping names no device on this node, or a mapping does"
@@ -58,9 +59,9 @@ TABLE = (
      "`check`, `reserve`: the hook would refuse: the host uses the disk; import-raw: the"
      " host uses the source disk"),
     (HELD, "another running VM holds the device or a member of its IOMMU group (or another"
-           " pvehook run has it locked)",
+           " pvehook run, or `pvehook import-raw` copying its disk, has it locked)",
      "`check`, `reserve`: the hook would refuse: another running VM holds the device, or it"
-     " is locked"),
+     " is locked; import-raw: a VM starting or stopping holds the source controller's lock"),
     (BIND, "a driver did not release or take a device, or not within its deadline;"
            " every device was given back",
      "`reserve`: a driver did not release or take a device; every device was given back"),
@@ -72,7 +73,7 @@ TABLE = (
                     " VM is running, or a Proxmox task holds its lock"),
     (IMAGE_HEADER, None,
      "import-raw: the source starts with a disk-image or LUKS header (qemu-img would not"
-     " copy it raw)"),
+     " copy it raw), or its first sector cannot be read"),
     (NOT_PINNED, "a drive at a `hostpci` address is not the one pinned for the VM (or cannot be"
                  " identified); nothing was moved",
      "`check`: a drive is not the one pinned for the VM; `pin --accept`: a drive cannot be"

@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 import time
 
-from .journal import Journal
+from .journal import Journal, VmRecord, boot_id, boottime
 from .paths import Root
 from .pci import PciAddress, PciSelector
 
 # Our own record of another VM counts as a hold this long even when that VM has no QEMU
 # process yet: it covers the step from its pre-start to qemu-server's reservation.
+# Measured on CLOCK_BOOTTIME within one boot: an NTP step of the wall clock moves neither end.
 RECORD_GRACE_S = 120.0
 
 _RES_RE = re.compile(r"^(\S+)\s(\d+)\s(time|pid):(\d+)$")
@@ -58,30 +59,59 @@ def reservations(root: Root) -> dict[PciAddress, int]:
 
 
 class Holds:
-    """Answers "is this device held by a VM other than `vmid`?" for one hook run."""
+    """Answers "is this device held by a VM other than `vmid`?" for one hook run.
+
+    A record counts as a whole: while its VM runs, or within the grace period after the
+    pre-start that wrote it, every device it names is held; after that it is stale, every
+    device of it (on vfio-pci or not) can be taken and leaves it. A record that cannot be
+    read holds every address its text names, and nothing else.
+    """
 
     def __init__(self, root: Root, journal: Journal, vmid: int):
         self.root = root
         self.vmid = vmid
         self.reserved = reservations(root)
-        self.records = [r for r in journal.all() if r.vmid != vmid]
+        records, corrupt = journal.scan()
+        self.records = [r for r in records if r.vmid != vmid]
+        self.corrupt = [e for e in corrupt if e.vmid != vmid]
+        self._boot = boot_id(root)
+        self._now = boottime()
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per record that cannot be read, naming its file."""
+        return [f"warning: {e}" for e in self.corrupt]
+
+    def live(self, rec: VmRecord) -> bool:
+        if vm_running(self.root, rec.vmid):
+            return True
+        if rec.kept_for_reboot is not None and rec.boot_id == self._boot:
+            # Kept on vfio-pci for the VM's `qm reboot`: its until the restart's post-stop
+            # or the deferred release (restarts.py) gives it back, however long that is.
+            return True
+        # (No boot id readable on either side: taken as the same boot, the safe side.)
+        return rec.boot_id == self._boot and 0 <= self._now - rec.boottime < RECORD_GRACE_S
 
     def holder(self, address: PciAddress) -> str | None:
         other = self.reserved.get(address)
         if other is not None and other != self.vmid:
             return f"VM {other} (qemu-server's PCI reservation)"
         for rec in self.records:
-            if rec.find(str(address)) and (
-                vm_running(self.root, rec.vmid) or time.time() - rec.written < RECORD_GRACE_S
-            ):
+            if rec.find(str(address)) and self.live(rec):
                 return f"VM {rec.vmid} (pvehook's record in {self.root.state_dir})"
+        for err in self.corrupt:
+            if str(address) in err.addresses:
+                return (f"VM {err.vmid}, going by {err.path}, a record pvehook cannot read;"
+                        f" check VM {err.vmid} and remove that file once it is stopped")
         return None
 
     def stale_record(self, address: PciAddress):
-        """A record of a VM that no longer runs and never gave the device back."""
+        """A record of a VM that no longer runs, naming this device: (record, entry)."""
+        if self.holder(address) is not None:
+            return None
         for rec in self.records:
             dev = rec.find(str(address))
-            if dev and self.holder(address) is None:
+            if dev:
                 return rec, dev
         return None
 

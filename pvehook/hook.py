@@ -11,14 +11,25 @@ import sys
 
 from .errors import PvehookError, Refusals, UsageError
 
+
 PHASES_WITHOUT_WORK = ("post-start", "pre-stop")
 USAGE = "usage: pvehook-hook <vmid> <phase>  (phase: pre-start, post-start, pre-stop, post-stop)"
 
 
+def is_vmid(text: str) -> bool:
+    """Proxmox's pve-vmid format (pve-common JSONSchema: ^[1-9][0-9]{2,8}$), ASCII only:
+    str.isdigit() alone takes '²', and int() reads '١٢٣' as 123."""
+    return text.isascii() and text.isdigit() and text[0] != "0" and 3 <= len(text) <= 9
+
+
 def run(argv: list[str], ctx=None) -> int:
     """Run one phase; `ctx` (a pvehook.context.Context) is for tests."""
-    if len(argv) != 2 or not argv[0].isdigit():
+    if len(argv) != 2:
         print(f"pvehook: {USAGE}", file=sys.stderr)
+        return UsageError.exit_code
+    if not is_vmid(argv[0]):
+        print(f"pvehook: malformed vmid {argv[0]!r}: Proxmox VM ids are 100 to 999999999,"
+              f" ASCII digits only; {USAGE}", file=sys.stderr)
         return UsageError.exit_code
     vmid, phase = int(argv[0]), argv[1]
     if phase in PHASES_WITHOUT_WORK:

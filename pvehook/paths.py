@@ -62,7 +62,8 @@ class Root:
 
     @property
     def lock_dir(self) -> Path:
-        return self.run("lock", "pvehook")
+        # Under state_dir, not /run/lock (world-writable: see journal.py).
+        return self.state_dir / "locks"
 
     @property
     def lib_dir(self) -> Path:

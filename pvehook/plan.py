@@ -254,8 +254,8 @@ def check_device(ctx: Context, dev: PciDevice, moving: set[PciAddress], holds: H
     others = sorted(a for a in moving if a != addr and PciDevice(ctx.root, a).iommu_group == group)
     shared = ("isolated" if not others else
               "shared with " + ", ".join(map(str, others)) + ", which go(es) to vfio-pci too")
+    stale = holds.stale_record(addr)  # a whole record is stale, whatever the driver now
     if driver == VFIO:
-        stale = holds.stale_record(addr)
         original = stale[1].original_driver if stale else VFIO
         if stale:
             plan.lines.append(f"{addr}: left on vfio-pci by VM {stale[0].vmid}, which no longer"
@@ -268,7 +268,7 @@ def check_device(ctx: Context, dev: PciDevice, moving: set[PciAddress], holds: H
         names = ", ".join(d.name for d in disks) or "no namespaces"
         plan.lines.append(f"{addr}: {driver or 'no driver'} ({names}), IOMMU group {group}"
                           f" {shared}, not used by the host")
-        plan.steps.append(Step(dev, driver, len(disks)))
+        plan.steps.append(Step(dev, driver, len(disks), stale[0].vmid if stale else None))
 
 
 def check(ctx: Context, plan: Plan, ignore: frozenset[str] = frozenset()) -> None:
@@ -290,6 +290,7 @@ def check(ctx: Context, plan: Plan, ignore: frozenset[str] = frozenset()) -> Non
 
     check_pins(ctx, plan, plan.managed)  # first: "this is not your drive" comes before the rest
     holds = Holds(ctx.root, ctx.journal, plan.vmid)
+    plan.lines += holds.notes
     openers = Openers(ctx.root)  # one /proc scan for every device the start takes
     moving = check_groups(ctx, plan, holds, openers)
     for dev in plan.managed:

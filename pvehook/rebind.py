@@ -9,9 +9,10 @@ A write to unbind/bind/drivers_probe can block for as long as the driver wants (
 still open through VFIO, a controller draining its I/O), and Proxmox gives the hook no
 timeout. So each such write runs in a forked child that we wait for on a pidfd, with a
 deadline; a child stuck in the kernel is left behind (nothing can kill a task in D state)
-with its stdio on /dev/null, so Proxmox is not kept waiting on our pipes. It keeps the
-device locks it inherited: until the kernel is done with that device, no other hook run
-can act on it.
+with its stdio on /dev/null, so Proxmox is not kept waiting on our pipes. Of the device
+locks it inherits it keeps only its own device's: until the kernel is done with that
+device, no other hook run can act on it, while the other devices of the run are free as
+soon as this run ends.
 
 Each device goes through its own steps; all devices at the same time. N controllers
 that each take seconds to shut down cost about one shutdown, not N, and a slow device
@@ -26,6 +27,7 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
+from .journal import close_locks_except
 from .kernel import Kernel
 from .pci import PciDevice
 
@@ -43,6 +45,7 @@ def _start(kernel: Kernel, path: Path, value: str, failure: str, timeout: float)
     if pid == 0:  # child: one write; exit status = errno
         code = 255
         try:
+            close_locks_except(value)  # the write's value is the device's address
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):  # Proxmox reads the task log until these close
                 os.dup2(null, fd)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .context import Context
-from .errors import GiveBackError, VmBusyError
+from .errors import GiveBackError, StateDirError, VmBusyError
 from .holds import vm_running
 from .paths import Root
 from .tasklog import log
@@ -36,8 +37,23 @@ class VmLockedError(VmBusyError):
 def qemu_server_lock(root: Root, vmid: int, timeout: float) -> Iterator[None]:
     """qemu-server's config lock of the VM (flock LOCK_EX, as PVE::Tools lock_file)."""
     path = root.run("lock", "qemu-server", f"lock-{vmid}.conf")
-    path.parent.mkdir(exist_ok=True)  # as qemu-server does; /run/lock is always there
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    path.parent.mkdir(mode=0o755, exist_ok=True)  # as qemu-server does
+    # /run/lock is world-writable: a directory or lock file a local user planted there
+    # is neither followed nor used (the same rule as pvehook's own state, journal.py).
+    st = os.lstat(path.parent)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+        raise StateDirError(f"{path.parent} is not a directory of root's (uid {st.st_uid})",
+                            hint="find out who created it, then remove it; qemu-server"
+                                 " creates it again")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise StateDirError(f"cannot open {path}: {e.strerror} (a link?)",
+                            hint="remove it; qemu-server creates it again") from None
+    if os.fstat(fd).st_uid != 0:
+        os.close(fd)
+        raise StateDirError(f"{path} is not root's", hint="remove it; qemu-server creates it again")
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -18,13 +18,14 @@ from .pci import PciDevice
 
 
 def vfio_nodes(dev: PciDevice) -> set[str]:
-    """The /dev paths through which a process can hold this device open."""
+    """The /dev paths through which a process can hold this device open (under the
+    root: what /proc/<pid>/fd links to, also for a test tree's real openers)."""
     nodes = set()
     if dev.iommu_group is not None:
-        nodes.add(f"/dev/vfio/{dev.iommu_group}")
+        nodes.add(str(dev.root.dev("vfio", str(dev.iommu_group))))
     try:  # the per-device cdev (iommufd) of newer kernels
         for name in os.listdir(dev.sys_path / "vfio-dev"):
-            nodes.add(f"/dev/vfio/devices/{name}")
+            nodes.add(str(dev.root.dev("vfio", "devices", name)))
     except FileNotFoundError:
         pass
     return nodes

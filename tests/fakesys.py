@@ -5,7 +5,14 @@ The tree has the kernel's layout and real relative symlinks (driver, iommu_group
 driver_override, unbind, bind, new_id and drivers_probe does on a real kernel: it moves
 the driver link, creates or removes the NVMe controller's namespaces (with new names,
 as the kernel does), their /dev nodes and their udev database entries. It can fail,
-hang or be slow on demand.
+hang or be slow on demand, or stop at a gate until the test opens it.
+
+Where the kernel makes a write wait or refuse, so does the fake: unbinding vfio-pci waits
+while any process has the group's /dev/vfio node open (vfio_unregister_group_dev; found
+through the real /proc/*/fd, as the kernel knows its openers; a line goes to the fake's
+dmesg, as "Device is currently in use, task ... blocked until device is released" does),
+and `bind`/`drivers_probe` only take a device the driver matches: its driver_override,
+or an id in the driver's table (the class's usual driver) or added with new_id.
 
 Every bit of state lives in the tree itself, because pvehook performs the writes in a
 forked child (to put a deadline on them).
@@ -69,12 +76,22 @@ class FakeHost:
             "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n")
         self.root.proc("swaps").write_text(
             "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")
-        for d in ("udev/data", "qemu-server"):
+        for d in ("udev/data", "qemu-server", "lock"):
             self.root.run(d).mkdir(parents=True, exist_ok=True)
         self.root.dev().mkdir(parents=True, exist_ok=True)
         self.root.pve("qemu-server").mkdir(parents=True, exist_ok=True)
         self._save_state({"next_ctrl": 0, "next_minor": 0, "busy": [], "faults": {}})
         self.boot("boot-0")  # every kernel has a boot id (the pins' records carry it)
+
+    @classmethod
+    def reopen(cls, base: Path) -> "FakeHost":
+        """The host of an existing tree (in another process: a hook run on it)."""
+        host = cls.__new__(cls)
+        host.base = Path(base)
+        host.root = Root(host.base)
+        host.sys = host.root.sys()
+        host.fake = host.base / "fake"
+        return host
 
     # -- bookkeeping -------------------------------------------------------------
     def _state(self) -> dict:
@@ -262,14 +279,78 @@ class FakeHost:
         state["busy"].append(name)
         self._save_state(state)
 
-    def fault(self, addr: str, op: str, kind: str, value: float | int = 0,
+    def fault(self, addr: str, op: str, kind: str, value: float | int | str = 0,
               driver: str | None = None) -> None:
-        """Make `op` (unbind, or probe: a driver taking it by drivers_probe or bind) fail (kind="errno", value=errno),
-        do nothing (kind="ignore"), or take `value` seconds (kind="delay"); only for
+        """Make `op` (unbind; probe: a driver taking it by drivers_probe or bind;
+        override: a write to its driver_override) fail (kind="errno", value=errno), do
+        nothing (kind="ignore"), take `value` seconds (kind="delay"), or wait at the gate
+        named `value` until the test opens it (kind="gate", see gate/open_gate); only for
         `driver` when given."""
         state = self._state()
         state["faults"].setdefault(addr, {})[f"{op}:{driver}" if driver else op] = [kind, value]
         self._save_state(state)
+
+    def gate(self, name: str, timeout: float = 30.0) -> None:
+        """Wait until a write has arrived at the gate `name` (a fault of kind "gate")."""
+        deadline = time.monotonic() + timeout
+        while not (self.fake / f"at-{name}").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no write arrived at gate {name} within {timeout} s")
+            time.sleep(0.01)
+
+    def open_gate(self, name: str) -> None:
+        (self.fake / f"open-{name}").write_text("")
+
+    def dmesg(self) -> str:
+        p = self.fake / "dmesg"
+        return p.read_text() if p.exists() else ""
+
+    def log(self, line: str) -> None:
+        with open(self.fake / "dmesg", "a") as f:
+            f.write(line + "\n")
+
+    def expose(self, pid: int) -> None:
+        """Make a real process visible in the tree's /proc (a link to the real /proc/<pid>:
+        its fds, and it is gone when the process is)."""
+        link = self.root.proc(str(pid))
+        if not link.is_symlink():
+            link.symlink_to(f"/proc/{pid}")
+
+    def open_vfio(self, group: int):
+        """A process holding /dev/vfio/<group> open, as QEMU does while it runs, until
+        it is told to stop (`proc.terminate(); proc.wait()`; not by closing a pipe: the
+        hook's forked writers inherit the test's end of it)."""
+        import subprocess
+        import sys
+
+        node = self.root.dev("vfio", str(group))
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import signal, sys; f = open(sys.argv[1]);"
+             " print('open', flush=True); signal.pause()", str(node)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "open\n"
+        self.expose(proc.pid)
+        return proc
+
+    def vfio_openers(self, group: int) -> list[int]:
+        """Real processes with /dev/vfio/<group> of this tree open."""
+        node = str(self.root.dev("vfio", str(group)))
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                fds = os.listdir(f"/proc/{entry}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") == node:
+                        pids.append(int(entry))
+                        break
+                except OSError:
+                    continue
+        return pids
 
     def driver_of(self, addr: str) -> str | None:
         link = self.device_dir(addr) / "driver"
@@ -485,7 +566,25 @@ class FakeKernel(Kernel):
             raise OSError(value, os.strerror(value))
         if kind == "delay":
             time.sleep(value)
+        if kind == "gate":
+            (self.host.fake / f"at-{value}").write_text(str(os.getpid()))
+            while not (self.host.fake / f"open-{value}").exists():
+                time.sleep(0.01)
         return kind == "ignore"
+
+    def _wait_vfio_released(self, addr: str) -> None:
+        """vfio-pci's remove waits until every opener of the group has closed it."""
+        group = self.host._spec(addr)["group"]
+        if group is None:
+            return
+        said = False
+        while pids := self.host.vfio_openers(group):
+            if not said:
+                self.host.log(f"vfio-pci {addr}: Device is currently in use, task"
+                              f" {os.getpid()} blocked until device is released"
+                              f" (openers: {pids})")
+                said = True
+            time.sleep(0.01)
 
     def write(self, path: Path, value: str) -> None:
         path = Path(path)
@@ -496,6 +595,7 @@ class FakeKernel(Kernel):
             if not path.exists():
                 raise OSError(errno.ENOENT, "no such device")
             v = value.strip()
+            self._fault(path.parent.name, "override", v)
             path.write_text((v or "(null)") + "\n")
         elif parts[:3] == ("bus", "pci", "drivers") and parts[-1] in ("unbind", "bind"):
             driver, addr = parts[3], value.strip()
@@ -504,13 +604,14 @@ class FakeKernel(Kernel):
                 if self.host.driver_of(addr) != driver:
                     raise OSError(errno.ENODEV, "not bound to this driver")
                 if not self._fault(addr, "unbind", driver):
+                    if driver == "vfio-pci":
+                        self._wait_vfio_released(addr)
                     self.host.detach(addr)
             else:
                 if self.host.driver_of(addr) is not None:
                     raise OSError(errno.EBUSY, "already bound")
-                override = (d / "driver_override").read_text().strip()
-                if override not in ("(null)", driver):
-                    raise OSError(errno.ENODEV, "driver_override forbids")
+                if not self._matches(driver, addr):  # pci_bus_match: override, or an id
+                    raise OSError(errno.ENODEV, f"{driver} does not match {addr}")
                 if not self._fault(addr, "probe", driver):  # bind runs the driver's probe
                     self.host.attach(addr, driver)
         elif parts[:3] == ("bus", "pci", "drivers") and parts[-1] == "new_id":
@@ -527,21 +628,35 @@ class FakeKernel(Kernel):
         else:
             raise OSError(errno.EACCES, f"fake kernel does not know {rel}")
 
-    def _match(self, addr: str) -> str | None:
+    def _matches(self, driver: str, addr: str) -> bool:
+        """Does `driver` match the device (drivers/pci/pci-driver.c pci_match_device)?
+        With driver_override set, only that driver does (whatever its ids); else a
+        driver whose static table has the device (the class's usual driver, here) or
+        whose dynamic ids (new_id) have its vendor:device."""
         d = self.host.device_dir(addr)
-        drivers = self.host.sys / "bus/pci/drivers"
+        if not (self.host.sys / "bus/pci/drivers" / driver).is_dir():
+            return False
         override = (d / "driver_override").read_text().strip()
         if override != "(null)":
-            return override if (drivers / override).is_dir() else None
-        spec = self.host._spec(addr)
-        if spec["default_driver"] and (drivers / spec["default_driver"]).is_dir():
-            return spec["default_driver"]
+            return override == driver
+        if self.host._spec(addr)["default_driver"] == driver:
+            return True
         vd = "{:04x} {:04x}".format(int((d / "vendor").read_text(), 16),
                                     int((d / "device").read_text(), 16))
-        ids = drivers / "vfio-pci" / "fake_ids"
-        if ids.exists() and vd in ids.read_text().splitlines():
-            return "vfio-pci"
-        return None
+        ids = self.host.sys / "bus/pci/drivers" / driver / "fake_ids"
+        return ids.exists() and vd in ids.read_text().splitlines()
+
+    def _match(self, addr: str) -> str | None:
+        """The driver drivers_probe binds: the first that matches (nvme before vfio-pci,
+        as nvme is loaded first)."""
+        drivers = self.host.sys / "bus/pci/drivers"
+        override = (self.host.device_dir(addr) / "driver_override").read_text().strip()
+        if override != "(null)":
+            return override if self._matches(override, addr) else None
+        default = self.host._spec(addr)["default_driver"]
+        names = [default] if default else []
+        names += sorted(n.name for n in drivers.iterdir() if n.name != default)
+        return next((n for n in names if self._matches(n, addr)), None)
 
     def open_exclusive(self, path: Path) -> None:
         if Path(path).name in self.host._state()["busy"]:

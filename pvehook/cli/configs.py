@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..context import Context, node_name
 from ..errors import ConfigError
+from ..hook import is_vmid
 from ..paths import HOOK_PATH, Root
 from ..vmconfig import VmConfig
 
@@ -57,7 +58,7 @@ def vm_configs(root: Root, node: str | None = None) -> list[tuple[str, int, VmCo
         except (FileNotFoundError, NotADirectoryError):
             continue
         for name in names:
-            if not (name.endswith(".conf") and name[:-5].isdigit()):
+            if not (name.endswith(".conf") and is_vmid(name[:-5])):  # not "².conf"
                 continue
             vmid = int(name[:-5])
             path = d / name

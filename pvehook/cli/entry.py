@@ -49,7 +49,21 @@ def vmid_completion(ctx, param, incomplete):
         return []
 
 
-VMID = click.IntRange(1, 999999999)
+class VmidType(click.ParamType):
+    """Proxmox's pve-vmid: 100 to 999999999, ASCII digits only (int() reads '١٢٣' as 123)."""
+
+    name = "vmid"
+
+    def convert(self, value, param, ctx):
+        from ..hook import is_vmid
+
+        if not is_vmid(str(value)):
+            self.fail(f"{value!r} is not a Proxmox VM id (100 to 999999999, ASCII digits)",
+                      param, ctx)
+        return int(value)
+
+
+VMID = VmidType()
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")

@@ -9,7 +9,11 @@ Proxmox request after checking what those commands do not:
   the host does not use it: pvehook.usage.host_use, the same checks as the passthrough
   path (mounts through any stack, swap, holders, the O_EXCL probe, never / or /boot);
 - it does not start with a disk-image or LUKS header: Proxmox passes a device path to
-  qemu-img without `-f`, so such a header would be probed and read as that format, not raw;
+  qemu-img without `-f`, so such a header would be probed and read as that format, not raw
+  (a first sector that cannot be read fails the check);
+- from the checks to the end of the copy it holds the lock of the source's controller
+  (/run/pvehook/locks/<address>.lock, with filelock; the hook flocks the same file), so
+  no VM start can take the disk mid-copy;
 - the target storage is lvm/lvmthin (storage.cfg), has `images` content, is on this node.
 
 Facts used (qemu-server 9.2.6 src/PVE/API2/Qemu.pm, QemuServer/ImportDisk.pm,
@@ -77,6 +81,7 @@ _UPID_LINE_RE = re.compile(r'^"(UPID:[^"]+)"$')
 
 
 _BUS_RE = re.compile(r"^([a-z]+)(\d+)$")
+_PCI_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 
 
 # Headers qemu-img's format probes recognise at the start of a device (block/*.c probe
@@ -118,6 +123,10 @@ class Plan:
     hookscript: str | None  # the snippet volume to register, None: --no-register
     lines: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    locks: list = field(default_factory=list)  # the source controller's, until the copy ends
+
+    def release(self) -> None:
+        release(self.locks)
 
     @property
     def api_path(self) -> str:
@@ -205,16 +214,76 @@ def resolve_source(ctx: Context, given: str) -> Source:
 
 
 def image_header(path: Path) -> str | None:
-    """The format whose header starts the device, when qemu-img would probe one."""
+    """The format whose header starts the device, when qemu-img would probe one.
+    A device whose first sector cannot be read fails the check (ImageHeaderError)."""
     try:
         with open(path, "rb") as f:
             head = f.read(512)
-    except OSError:
-        return None
+    except OSError as e:
+        raise ImageHeaderError(
+            f"cannot read the first sector of {path} to check it for a disk-image or LUKS"
+            f" header: {e.strerror or e}",
+            hint="import-raw copies only a disk it has checked; see the kernel log (dmesg)"
+                 " for the disk's errors") from None
     for offset, magic, fmt in _HEADERS:
         if head[offset:offset + len(magic)] == magic:
             return fmt
     return None
+
+
+def source_controllers(ctx: Context, src: Source) -> list[str]:
+    """The PCI functions the source disk hangs off: its controller, or every path's
+    controller of a native-multipath head (/sys/devices/virtual/nvme-subsystem/...)."""
+    real = Path(os.path.realpath(src.device.sys_path))
+    found = [p for p in real.parts if _PCI_RE.fullmatch(p)]
+    if found:
+        return [found[-1]]
+    out = set()
+    try:
+        names = os.listdir(real.parent)
+    except OSError:
+        return []
+    for name in names:  # nvme-subsysN/nvmeM: the controllers of the subsystem
+        if re.fullmatch(r"nvme\d+", name):
+            ctrl = [p for p in Path(os.path.realpath(real.parent / name)).parts
+                    if _PCI_RE.fullmatch(p)]
+            if ctrl:
+                out.add(ctrl[-1])
+    return sorted(out)
+
+
+def lock_source(ctx: Context, src: Source) -> list:
+    """Take the lock of the source's controller(s), the file the hook flocks for that
+    device, with filelock (its UnixFileLock flocks it the same way): no VM can take
+    the disk while it is checked and copied. Returns the held locks."""
+    from filelock import FileLock, Timeout
+
+    from ..errors import HeldByOtherVMError
+    from ..journal import lock_path, open_state_dir
+
+    os.close(open_state_dir(ctx.root, ctx.root.lock_dir.name))  # ours alone, or refused
+    held: list = []
+    try:
+        for addr in source_controllers(ctx, src):
+            lock = FileLock(str(lock_path(ctx.root, addr)))
+            try:
+                lock.acquire(timeout=ctx.timeouts.lock)
+            except Timeout:
+                raise HeldByOtherVMError(
+                    f"{src.path}: its controller {addr} is locked by a pvehook run (a VM"
+                    " starting or stopping with it)",
+                    hint="wait until that VM has started or stopped, then retry") from None
+            held.append(lock)
+    except BaseException:
+        release(held)
+        raise
+    return held
+
+
+def release(locks: list) -> None:
+    for lock in reversed(locks):
+        lock.release()
+    locks.clear()
 
 
 def check_source(ctx: Context, src: Source) -> tuple[list[str], list[str]]:
@@ -302,6 +371,18 @@ def plan_import(pve: Pve, ctx: Context, vmid: int, source: str, storage: str, ke
         raise UsageError(f"VM {vmid} already has {key}: {conf[key]}",
                          hint=f"pass --bus {free}" if free else "pass a free --bus slot")
     desc = check_storage(ctx, storage)
+    # From here to the end of the copy (run_import) no VM can take the source's controller.
+    locks = lock_source(ctx, src)
+    try:
+        return _plan(pve, ctx, vm, vmid, conf, key, src, storage, desc, cache, discard,
+                     register, snippets_storage, locks)
+    except BaseException:
+        release(locks)
+        raise
+
+
+def _plan(pve, ctx, vm, vmid, conf, key, src, storage, desc, cache, discard, register,
+          snippets_storage, locks) -> Plan:
     lines, notes = check_source(ctx, src)
     hookscript = None
     if register:
@@ -320,7 +401,7 @@ def plan_import(pve: Pve, ctx: Context, vmid: int, source: str, storage: str, ke
         hookscript = snippet_volid(chosen.id)
     attach = ",".join(([f"cache={cache}"] if cache else []) + (["discard=on"] if discard else []))
     option = f"{storage}:0,import-from={src.path},format=raw" + (f",{attach}" if attach else "")
-    plan = Plan(vm, key, src, storage, desc, option, attach, hookscript)
+    plan = Plan(vm, key, src, storage, desc, option, attach, hookscript, locks=locks)
     plan.lines = [f"VM {vmid} on {vm.node}: stopped, {key} is free", *lines,
                   f"storage {storage}: {desc}"]
     plan.notes = notes
@@ -389,7 +470,15 @@ def _wait_task(pve: Pve, node: str, upid: str, echo: Callable[[str], None],
 
 
 def run_import(pve: Pve, plan: Plan, echo: Callable[[str], None]) -> dict:
-    """The import itself; returns what was done. Raises ApiError/TaskError on failure."""
+    """The import itself; returns what was done. Raises ApiError/TaskError on failure.
+    The source controller's lock (plan_import) is let go when the copy has ended."""
+    try:
+        return _run_import(pve, plan, echo)
+    finally:
+        plan.release()
+
+
+def _run_import(pve: Pve, plan: Plan, echo: Callable[[str], None]) -> dict:
     node, vmid = plan.vm.node, plan.vm.vmid
     echo(f"importing {plan.source.path} ({human_size(plan.source.size)}) as RAW into"
          f" {plan.storage}, as {plan.key} of VM {vmid}")
@@ -437,8 +526,10 @@ stopped, the host does not use the disk and the storage is LVM.
                     " the hookscript"),
     (codes.HOOKSCRIPT_CONFLICT, "the VM has another hookscript (--no-register)"),
     (codes.IN_USE, "the host uses the source disk"),
+    (codes.HELD, "a VM starting or stopping holds the source controller's lock"),
     (codes.VM_BUSY, "the VM is running, locked or on another node"),
-    (codes.IMAGE_HEADER, "the source starts with a disk-image or LUKS header")]))
+    (codes.IMAGE_HEADER, "the source starts with a disk-image or LUKS header, or its first"
+                         " sector cannot be read")]))
 @click.argument("vmid", type=VMID, shell_complete=vmid_completion)
 @click.argument("source", metavar="SOURCE_DISK")
 @click.argument("storage")
@@ -481,6 +572,7 @@ def import_raw(cctx, vmid, source, storage, key, cache, no_discard, no_register,
         if plan.hookscript:
             echo(f"would register the hookscript {plan.hookscript} on VM {vmid}")
         echo("dry run: nothing changed")
+        plan.release()
         if as_json:
             emit_json({**plan.as_dict(), "dry_run": True})
         cctx.exit(0)

@@ -263,3 +263,72 @@ def test_shapes_of_the_stand_in_tasks(seed):
                                {"n": 3, "t": "transferred 1.0 MiB of 3.0 MiB (33.33%)"}]
     code, out, err = pvesh("get", "/nodes/pve1/tasks/UPID:nope/status")
     assert err.startswith("400 Parameter verification failed.\nupid: unable to parse")
+
+
+# -- the source controller's lock, the header check ---------------------------------------
+
+HOOK_ON_TREE = """
+import sys
+from fakesys import FakeHost, FakeKernel
+from pvehook.context import Context
+from pvehook.hook import run
+host = FakeHost.reopen(sys.argv[1])
+sys.exit(run(sys.argv[2:], Context(root=host.root, kernel=FakeKernel(host), node="pve1")))
+"""
+
+
+def test_no_vm_takes_the_disk_mid_copy(seed, cli, monkeypatch, tmp_path):
+    """VM 101 passes the source's controller and starts while the copy runs: its
+    pre-start finds the controller locked (import-raw holds the lock the hook takes,
+    through filelock) and refuses; the disk stays on nvme and is copied whole. Once
+    the copy is over, the same start goes through."""
+    import sys
+
+    host = seed.host
+    seed.vm(101, f"memory: 512\nhostpci0: {A}\n")
+    host.vm_config(101, f"memory: 512\nhostpci0: {A}\n")
+    script = tmp_path / "hook.py"
+    script.write_text(HOOK_ON_TREE)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.setenv("PYTHONPATH", f"{repo}{os.pathsep}{repo}/tests")
+    monkeypatch.setenv("PVEHOOK_TIMEOUT_LOCK", "0.3")
+    start = f"{sys.executable} {script} {host.base} 101 pre-start"
+    monkeypatch.setenv("FAKEPVE_DURING_COPY", f"{start}; echo hook exit $?; readlink"
+                       f" {host.device_dir(A)}/driver")
+    code, out, err = cli("import-raw", 100, BY_ID, "local-lvm", "--no-register")
+    assert code == 0, err
+    assert f"{A} is locked by another pvehook run" in out
+    assert "hook exit 12" in out
+    assert out.split("hook exit 12")[1].split()[0].endswith("/nvme")  # not moved mid-copy
+    assert lv(seed, "vm-100-disk-0").read_bytes() == DATA
+    p = subprocess.run(start.split(), capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert host.driver_of(A) == "vfio-pci"
+
+
+def test_a_start_holding_the_lock_keeps_import_raw_out(seed, cli, monkeypatch):
+    """The other way round: the hook's lock (flock) held, import-raw (filelock) waits,
+    then refuses with the controller named; nothing is requested from Proxmox."""
+    from pvehook.journal import device_locks
+
+    monkeypatch.setenv("PVEHOOK_TIMEOUT_LOCK", "0.2")
+    with device_locks(seed.host.root, [A], timeout=1):
+        code, out, err = cli("import-raw", 100, BY_ID, "local-lvm", "--no-register")
+    assert code == 12, err
+    assert f"its controller {A} is locked by a pvehook run" in err
+    assert not any(c[:2] == ["pvesh", "create"] for c in seed.calls())
+    assert not lv(seed, "vm-100-disk-0").exists()
+
+
+def test_an_unreadable_first_sector_fails_the_header_check(tmp_path):
+    """A source whose first sector cannot be read fails the check instead of passing as
+    header-free (the fake tree's device nodes are files: here a directory and a missing
+    node stand for a disk that returns an error)."""
+    from pvehook.cli.importraw import image_header
+    from pvehook.errors import ImageHeaderError
+
+    for path in (tmp_path, tmp_path / "gone"):
+        with pytest.raises(ImageHeaderError, match=f"cannot read the first sector of {path}"):
+            image_header(path)
+    (tmp_path / "disk").write_bytes(b"\0" * 512)
+    assert image_header(tmp_path / "disk") is None

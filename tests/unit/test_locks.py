@@ -1,4 +1,4 @@
-"""The per-device locks: flock(2) on /run/lock/pvehook/<address>.lock, the protocol of
+"""The per-device locks: flock(2) on /run/pvehook/locks/<address>.lock, the protocol of
 filelock's UnixFileLock, so the hook and any filelock user of the same file exclude each
 other. The other side always runs in its own process, as it would on a node."""
 
@@ -105,3 +105,26 @@ def test_the_lock_directory_is_created(tmp_path):
     root = Root(tmp_path / "fresh")
     with device_locks(root, [A], timeout=1):
         assert (root.lock_dir / f"{A}.lock").exists()
+
+
+def test_the_lock_directory_is_root_only_and_filelock_shares_it(tmp_path):
+    """The directory the hook makes is 0700; import-raw's filelock then locks the file
+    the hook locks (journal.lock_path), and each keeps the other out."""
+    from pvehook.journal import lock_path
+
+    root = Root(tmp_path)
+    with device_locks(root, [A], timeout=1):
+        pass
+    for d in (root.state_dir, root.lock_dir):
+        assert oct(d.stat().st_mode & 0o777) == "0o700"
+    other = holder(FILELOCK_HOLDER, str(lock_path(root, A)))
+    try:
+        with pytest.raises(HeldByOtherVMError):
+            with device_locks(root, [A], timeout=0.1):
+                pass
+    finally:
+        release(other)
+    with device_locks(root, [A], timeout=1):
+        lock = filelock.FileLock(str(lock_path(root, A)))
+        with pytest.raises(filelock.Timeout):
+            lock.acquire(timeout=0.1)

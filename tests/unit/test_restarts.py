@@ -374,3 +374,23 @@ def test_a_reboot_under_systemd_has_its_own_timer(host, hook, ctx, tmp_path, mon
         time.sleep(0.05)
     assert [rc.read_text() for rc in rcs] == ["0\n", "0\n"]
     assert host.driver_of(A) == "nvme"
+
+
+def test_a_device_kept_for_a_reboot_is_not_taken_by_another_vm(host, hook, ctx, qemu,
+                                                                 monkeypatch):
+    """The device stays VM 100's between its post-stop and its restart, past the grace
+    period of a record (which covers only a pre-start's way to a running QEMU)."""
+    import pvehook.holds
+
+    nvme(host)
+    host.vm_config(100, f"hostpci0: {A}\n")
+    host.vm_config(200, f"hostpci0: {A}\n")
+    assert hook(100, "pre-start")[0] == 0
+    qemu(100)
+    reboot_flag(host, 100).touch()
+    stopped(host, 100)
+    assert hook(100, "post-stop")[0] == 0
+    monkeypatch.setattr(pvehook.holds, "RECORD_GRACE_S", 0.0)
+    code, out = hook(200, "pre-start")
+    assert code == 12 and "VM 100" in out, out
+    assert host.driver_of(A) == "vfio-pci" and record(host, 100)["kept_for_reboot"]

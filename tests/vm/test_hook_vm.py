@@ -279,8 +279,8 @@ fact deadline_post_f1 "$(vm_driver $F1)"; fact deadline_post_f2 "$(vm_driver $F2
 # Killed halfway: SIGKILL once F1 is on vfio-pci, while F2 is still draining. F2's lock
 # (flock, as filelock takes it) holds the hook back until F2's I/O is in flight.
 conf 300 "hostpci0: $F1\nhostpci1: $F2"
-mkdir -p /run/lock/pvehook
-exec 9> /run/lock/pvehook/$F2.lock
+mkdir -p -m 0700 /run/pvehook /run/pvehook/locks
+exec 9> /run/pvehook/locks/$F2.lock
 flock 9
 "$HOOK" 300 pre-start > /results/killed.log 2>&1 &
 pid=$!

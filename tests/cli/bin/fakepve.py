@@ -27,7 +27,8 @@ error shapes:
   device path of the tree: <root>/<path>), frees the volume when the copy fails, and sets
   `<disk>: <storage>:<name>,<options sorted>,size=<format_size>`. The LVs are files
   <root>/dev/<vg>/<name>; env FAKEPVE_LVM=real makes real LVs instead (lvcreate; for the
-  real-kernel guest). env FAKEPVE_IMPORT_FAIL=<percent> fails the copy there.
+  real-kernel guest). env FAKEPVE_IMPORT_FAIL=<percent> fails the copy there;
+  env FAKEPVE_DURING_COPY runs a shell command once mid-copy (its output in the task log).
 - POST .../config runs in a worker task (RESTEnvironment fork_worker): as under the real
   pvesh (a CLI environment) in the foreground, its output on stdout as it happens, a task
   error on stderr, the UPID printed last and exit 0 either way; env FAKEPVE_TASK_ASYNC=1
@@ -427,6 +428,7 @@ def import_disk(node: str, vmid: str, key: str, value: str, out) -> None:
             f.truncate(size)
     out(f'  Logical volume "{name}" created.')
     fail_at = os.environ.get("FAKEPVE_IMPORT_FAIL")
+    during = os.environ.get("FAKEPVE_DURING_COPY")  # a shell command run once mid-copy
     try:
         copied, shown = 0, -1.0
         with open(src, "rb") as fi, open(dst, "r+b") as fo:
@@ -439,6 +441,11 @@ def import_disk(node: str, vmid: str, key: str, value: str, out) -> None:
                 if fail_at is not None and pct >= float(fail_at):
                     raise Die("copy failed: command '/usr/bin/qemu-img convert -p -n -O raw"
                               f" {src_name} zeroinit:{dst}' failed: exit code 1\n")
+                if during and copied:
+                    r = subprocess.run(during, shell=True, capture_output=True, text=True)
+                    for line in (r.stdout + r.stderr).splitlines():
+                        out(line)
+                    during = None
                 buf = fi.read(min(1 << 20, size - copied))
                 if not buf:
                     break
