@@ -56,8 +56,8 @@ mkfs.ext4 -q /dev/guestvg/data
 echo "host_uuid=$(pvs --noheadings -o vg_uuid $H | tr -d ' ')"
 lvfacts
 mkdir -p /etc/pve/qemu-server
-printf 'onboot: 1\nhostpci0: %s,pcie=1\n' ${G1#0000:} > /etc/pve/qemu-server/100.conf
-printf 'hostpci0: %s,pcie=1\n' ${R1#0000:} > /etc/pve/qemu-server/101.conf
+printf 'onboot: 1\nmachine: q35\nhostpci0: %s,pcie=1\n' ${G1#0000:} > /etc/pve/qemu-server/100.conf
+printf 'machine: q35\nhostpci0: %s,pcie=1\n' ${R1#0000:} > /etc/pve/qemu-server/101.conf
 
 # The safety net: in use -> refused; unused -> deactivated, stopped, and the start goes on.
 fact md_before "$(grep -c '^md' /proc/mdstat)"

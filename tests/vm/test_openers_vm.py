@@ -26,7 +26,7 @@ check_source() {
 import sys
 from pvehook.context import Context
 from pvehook.errors import PvehookError
-from pvehook.importraw import check_source, resolve_source
+from pvehook.cli.importraw import check_source, resolve_source
 ctx = Context()
 try:
     lines, notes = check_source(ctx, resolve_source(ctx, sys.argv[1]))

@@ -80,7 +80,7 @@ fact nvme_dsn_lspci "$(lspci_dsn $VM_BDF_WD1)"
 fact nvme_dsn_py "$(py_dsn $VM_BDF_WD1)"
 
 rm -rf /state/pvehook && cp -a /var/lib/pvehook /state/pvehook
-fact saved "$(ls /state/pvehook)"
+fact saved "$(ls /state/pvehook | tr '\n' ' ')"
 exit 0
 """
 

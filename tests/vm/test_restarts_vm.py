@@ -38,7 +38,7 @@ qemu_stop() { kill $(cat /run/qemu-server/$1.pid); rm -f /run/qemu-server/$1.pid
 
 write_marker S1 "marker-S1-$$"
 fact marker_written "marker-S1-$$"
-conf 100 "memory: 1024\nhostpci0: ${S1#0000:},pcie=1"
+conf 100 "memory: 1024\nmachine: q35\nhostpci0: ${S1#0000:},pcie=1"
 
 # 1. qm reboot: post-stop with the reboot file, then the restart's pre-start.
 # Bounds of 600 s: none of this part's releases may run during it.
