@@ -258,14 +258,39 @@ fact race_rcs "$(cat /results/race200.rc /results/race201.rc | sort | tr '\n' ' 
 fact race_driver "$(vm_driver $F1)"
 run_hook race_post200 200 post-stop; run_hook race_post201 201 post-stop
 fact race_driver_after "$(vm_driver $F1)"
+# The winner pinned F1 as its drive (pvehook.pins); the scenarios below give F1 to other
+# VMs: forget the pins, as a node where they were never made.
+rm -f /var/lib/pvehook/pins.json
 
 # F2's drive is throttled: with direct I/O in flight, nvme takes seconds to let it go,
-# like a real drive draining its queue. busy_f2 starts that I/O.
+# like a real drive draining its queue. busy_f2 starts that I/O with Linux AIO and closes
+# the disk: the reads stay in flight in the kernel with no process holding the disk open
+# (a process that did would be "in use" to pre-start, rightly), as writeback does.
+cat > /tmp/aio_reads.py <<'PY'
+import ctypes, mmap, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+IO_SETUP, IO_DESTROY, IO_GETEVENTS, IO_SUBMIT = 206, 207, 208, 209  # x86_64
+n = 8
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+ctx = ctypes.c_ulong(0)
+assert libc.syscall(IO_SETUP, n, ctypes.byref(ctx)) == 0, ctypes.get_errno()
+bufs = [mmap.mmap(-1, 4096) for _ in range(n)]
+iocbs = []
+for i, b in enumerate(bufs):  # struct iocb (linux/aio_abi.h), IOCB_CMD_PREAD = 0
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(b))
+    iocbs.append(ctypes.create_string_buffer(
+        struct.pack("<QIiHhIQQqQII", i, 0, 0, 0, 0, fd, addr, 4096, 4096 * (i + 1), 0, 0, 0), 64))
+ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(x) for x in iocbs])
+assert libc.syscall(IO_SUBMIT, ctx, n, ptrs) == n, ctypes.get_errno()
+os.close(fd)  # the reads keep the disk busy; no process has it open any more
+open("/tmp/aio_submitted", "w").close()
+events = ctypes.create_string_buffer(32 * n)
+libc.syscall(IO_GETEVENTS, ctx, n, n, events, None)  # until all are done
+PY
 busy_f2() {
-    for i in 1 2 3 4 5 6 7 8; do
-        dd if=$(vm_nvme_disk F2) of=/dev/null bs=4k count=1 skip=$i iflag=direct status=none 2>/dev/null &
-    done
-    sleep 0.3
+    rm -f /tmp/aio_submitted
+    python3 /tmp/aio_reads.py $(vm_nvme_disk F2) &
+    while [ ! -e /tmp/aio_submitted ]; do sleep 0.05; done
 }
 
 # A deadline: the hook gives up on F2 after 1 s, gives F1 back, keeps F2 recorded.
