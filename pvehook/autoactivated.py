@@ -35,12 +35,14 @@ def release(root: Root, vm_devices: list[PciDevice], lines: list[str],
     gone: set[str] = set()
     if not any(held.values()):
         return gone
-    dm = [h for hs in held.values() for h in hs if h.dm_uuid and h.dm_uuid.startswith("LVM-")]
+    # (name, dm uuid) read now: once deactivated, the dm devices and their uuids are gone
+    dm = [(h.name, h.dm_uuid) for hs in held.values() for h in hs
+          if h.dm_uuid and h.dm_uuid.startswith("LVM-")]
     if dm:
         for uuid in _release_lvm(root, members, lines, apply):
             # device-mapper's uuid of an LV: "LVM-" + the VG's uuid without dashes + the LV's
             prefix = "LVM-" + uuid.replace("-", "")
-            gone |= {h.name for h in dm if h.dm_uuid.startswith(prefix)}
+            gone |= {name for name, dm_uuid in dm if dm_uuid.startswith(prefix)}
     md = {h.name: h for hs in held.values() for h in hs if h.name.startswith("md")}
     if md:
         gone |= _release_md(root, members, md, lines, apply)

@@ -26,11 +26,14 @@ def pre_start(ctx: Context, vmid: int) -> None:
             # What the safety net would deactivate is only left out of the check; nothing
             # is deactivated or listed until every check (the drive's pin, its group,
             # other holders and openers) has passed.
-            gone = _guest_storage(ctx, plan, apply=False)
+            preview: list[str] = []
+            gone = _guest_storage(ctx, plan, preview, apply=False)
             check(ctx, plan, gone)
             if gone and not plan.refusals:
-                _guest_storage(ctx, plan, apply=True)
+                _guest_storage(ctx, plan, plan.lines, apply=True)
                 _verify_released(ctx, plan)
+            else:
+                plan.lines += preview  # what it found, and why it left it
             _report(plan)
             if plan.steps or plan.stays:
                 _list_guest(ctx, vmid, plan.managed)
@@ -59,17 +62,18 @@ def pre_start(ctx: Context, vmid: int) -> None:
         _report(plan)
 
 
-def _guest_storage(ctx: Context, plan, apply: bool) -> frozenset[str]:
+def _guest_storage(ctx: Context, plan, lines: list[str], apply: bool) -> frozenset[str]:
     """pre-start's safety net (pvehook.autoactivated): the holders (dm-N, mdN) of what the
-    host activated on the VM's disks and nobody uses; deactivated with `apply`."""
+    host activated on the VM's disks and nobody uses, a line each in `lines`;
+    deactivated with `apply`."""
     if not plan.managed or plan.refusals:
         return frozenset()
     from .autoactivated import release
 
     try:
-        return frozenset(release(ctx.root, plan.managed, plan.lines, apply=apply))
+        return frozenset(release(ctx.root, plan.managed, lines, apply=apply))
     except OSError as e:  # lvm/mdadm failing: the host-use check refuses what stays active
-        plan.lines.append(f"could not check the guest's storage the host activated: {e}")
+        lines.append(f"could not check the guest's storage the host activated: {e}")
         return frozenset()
 
 

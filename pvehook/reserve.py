@@ -96,11 +96,14 @@ def reserve(ctx: Context, vmid: int, say=print) -> list[str]:
     plan = _vm_plan(ctx, vmid)
     with device_locks(ctx.root, plan.candidates, ctx.timeouts.lock):
         choose(ctx, plan)  # as pre-start: the same checks, the same safety net
-        gone = _guest_storage(ctx, plan, apply=False)
+        preview: list[str] = []
+        gone = _guest_storage(ctx, plan, preview, apply=False)
         check(ctx, plan, gone)
         if gone and not plan.refusals:
-            _guest_storage(ctx, plan, apply=True)
+            _guest_storage(ctx, plan, plan.lines, apply=True)
             _verify_released(ctx, plan)
+        else:
+            plan.lines += preview
         for line in plan.lines:
             say(line)
         if plan.refusals:

@@ -276,10 +276,11 @@ ctx = ctypes.c_ulong(0)
 assert libc.syscall(IO_SETUP, n, ctypes.byref(ctx)) == 0, ctypes.get_errno()
 bufs = [mmap.mmap(-1, 4096) for _ in range(n)]
 iocbs = []
-for i, b in enumerate(bufs):  # struct iocb (linux/aio_abi.h), IOCB_CMD_PREAD = 0
+for i, b in enumerate(bufs):  # struct iocb (linux/aio_abi.h), IOCB_CMD_PREAD = 0; 1 MiB apart:
+    # the block layer merges adjacent reads into one request, drained at once
     addr = ctypes.addressof(ctypes.c_char.from_buffer(b))
     iocbs.append(ctypes.create_string_buffer(
-        struct.pack("<QIiHhIQQqQII", i, 0, 0, 0, 0, fd, addr, 4096, 4096 * (i + 1), 0, 0, 0), 64))
+        struct.pack("<QIiHhIQQqQII", i, 0, 0, 0, 0, fd, addr, 4096, (i + 1) << 20, 0, 0, 0), 64))
 ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(x) for x in iocbs])
 assert libc.syscall(IO_SUBMIT, ctx, n, ptrs) == n, ctypes.get_errno()
 os.close(fd)  # the reads keep the disk busy; no process has it open any more
