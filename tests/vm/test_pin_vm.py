@@ -94,7 +94,7 @@ fact b2_dir_mode "$(stat -c %a /var/lib/pvehook)"
 run_hook b2_pre100 100 pre-start
 fact b2_drv_old_wd1 "$(vm_driver $OLD_WD1)"
 fact b2_drv_old_ss2 "$(vm_driver $OLD_SS2)"
-fact b2_records "$(ls /run/pvehook 2>/dev/null | wc -l)"
+fact b2_records "$(ls /run/pvehook/*.json 2>/dev/null | wc -l)"  # locks/ stays
 fact b2_marker_wd1 "$(read_marker WD1)"
 fact b2_marker_ss2 "$(read_marker SS2)"
 $PVEHOOK doctor --json > /results/b2_doctor.json; fact rc_b2_doctor $?
