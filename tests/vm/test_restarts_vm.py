@@ -71,7 +71,7 @@ fact n_post_drv "$(vm_driver $S1)"
 wait_job $(job n_post); fact n_job_done $?
 fact n_drv "$(vm_driver $S1)"
 fact n_marker "$(read_marker S1)"
-fact n_record "$(ls /run/pvehook | wc -l)"
+fact n_record "$(ls /run/pvehook/*.json 2>/dev/null | wc -l)"  # locks/ stays
 rm -f /run/qemu-server/100.reboot
 
 # 3. A start that fails after pre-start (VM 101, the other controller): no QEMU, no
