@@ -9,7 +9,7 @@ from .tasklog import log
 
 def pre_start(ctx: Context, vmid: int) -> None:
     from .journal import device_locks
-    from .plan import check, choose, prepare
+    from .plan import choose, prepare
 
     plan = prepare(ctx, vmid)
     if not plan.refusals:
@@ -23,17 +23,7 @@ def pre_start(ctx: Context, vmid: int) -> None:
         # locks are taken at once in one global order (device_locks sorts): no deadlock.
         with device_locks(ctx.root, plan.candidates, ctx.timeouts.lock):
             choose(ctx, plan)
-            # What the safety net would deactivate is only left out of the check; nothing
-            # is deactivated or listed until every check (the drive's pin, its group,
-            # other holders and openers) has passed.
-            preview: list[str] = []
-            gone = _guest_storage(ctx, plan, preview, apply=False)
-            check(ctx, plan, gone)
-            if gone and not plan.refusals:
-                _guest_storage(ctx, plan, plan.lines, apply=True)
-                _verify_released(ctx, plan)
-            else:
-                plan.lines += preview  # what it found, and why it left it
+            check_and_release(ctx, plan)
             _report(plan)
             if plan.steps or plan.stays:
                 _list_guest(ctx, vmid, plan.managed)
@@ -60,6 +50,22 @@ def pre_start(ctx: Context, vmid: int) -> None:
                                      dev.original_driver or "no driver")
     else:
         _report(plan)
+
+
+def check_and_release(ctx: Context, plan) -> None:
+    """plan.check with pre-start's safety net: what it would deactivate is only left out
+    of the check; nothing is deactivated until every check (the drive's pin, its group,
+    other holders and openers) has passed, and the disks are read again after."""
+    from .plan import check
+
+    preview: list[str] = []
+    gone = _guest_storage(ctx, plan, preview, apply=False)
+    check(ctx, plan, gone)
+    if gone and not plan.refusals:
+        _guest_storage(ctx, plan, plan.lines, apply=True)
+        _verify_released(ctx, plan)
+    else:
+        plan.lines += preview  # what it found, and why it left it
 
 
 def _guest_storage(ctx: Context, plan, lines: list[str], apply: bool) -> frozenset[str]:

@@ -25,7 +25,7 @@ from .holds import Holds, vm_running
 from .iommu import VFIO
 from .journal import device_locks
 from .pci import PciAddress, PciDevice
-from .plan import Plan, check, choose, prepare
+from .plan import Plan, choose, prepare
 
 NVME = "nvme"
 
@@ -91,19 +91,12 @@ def update_initramfs(ctx: Context, say) -> None:
 def reserve(ctx: Context, vmid: int, say=print) -> list[str]:
     """Reserve the VM's NVMe controllers and move them to vfio-pci now. Returns the
     addresses. Raises the same refusals as pre-start (exit codes 10, 11, 12, 13)."""
-    from .phases import _guest_storage, _list_guest, _verify_released
+    from .phases import _list_guest, check_and_release
 
     plan = _vm_plan(ctx, vmid)
     with device_locks(ctx.root, plan.candidates, ctx.timeouts.lock):
         choose(ctx, plan)  # as pre-start: the same checks, the same safety net
-        preview: list[str] = []
-        gone = _guest_storage(ctx, plan, preview, apply=False)
-        check(ctx, plan, gone)
-        if gone and not plan.refusals:
-            _guest_storage(ctx, plan, plan.lines, apply=True)
-            _verify_released(ctx, plan)
-        else:
-            plan.lines += preview
+        check_and_release(ctx, plan)
         for line in plan.lines:
             say(line)
         if plan.refusals:
