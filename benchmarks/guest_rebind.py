@@ -115,7 +115,7 @@ timed warm_bare_pre sh /tmp/bare_pre_s.sh $B; timed warm_bare_post sh /tmp/bare_
 timed python_pass python3 -c pass
 # The code each phase loads, without its work: the part of the hook's idle time that
 # is loading files.
-IMP_PRE="import pvehook.hook, pvehook.phases, pvehook.plan, pvehook.volumes, pvehook.assign, pvehook.journal, pvehook.rebind"
+IMP_PRE="import pvehook.hook, pvehook.phases, pvehook.plan, pvehook.volumes, pvehook.assign, pvehook.records, pvehook.rebind"
 IMP_POST="$IMP_PRE, pyudev; pyudev.Monitor.from_netlink(pyudev.Context())"
 for i in $(seq 1 $REPEAT); do
   if [ $((i % 2)) = 1 ]; then

@@ -11,7 +11,7 @@ from .block import BlockDevice
 from .context import Context
 from .errors import BindError
 from .iommu import VFIO
-from .journal import DeviceRecord, VmRecord
+from .records import DeviceRecord, VmRecord
 from .lvm import deactivate_guest_vgs
 from .pci import PciAddress, PciDevice
 from .plan import Plan
@@ -23,7 +23,7 @@ def assign(ctx: Context, plan: Plan, generation: str | None = None) -> None:
     """Bind every planned device to vfio-pci: all of them, or none. `generation` names
     this start in the record (restarts.py: a deferred release acts only on its own)."""
     # The undo, before the change: saved when the with block ends.
-    with ctx.journal.modify(plan.vmid, ctx.timeouts.lock) as record:
+    with ctx.records.modify(plan.vmid, ctx.timeouts.lock) as record:
         if generation is not None:
             record.generation, record.kept_for_reboot = generation, None
         for step in (*plan.stays, *plan.steps):
@@ -73,7 +73,7 @@ def assign(ctx: Context, plan: Plan, generation: str | None = None) -> None:
 
 
 def _forget(ctx: Context, vmid: int, address: str) -> None:
-    with ctx.journal.modify(vmid, ctx.timeouts.lock) as other:  # another VM's: under its lock
+    with ctx.records.modify(vmid, ctx.timeouts.lock) as other:  # another VM's: under its lock
         other.devices = [d for d in other.devices if d.address != address]
 
 
@@ -135,7 +135,7 @@ def give_back(ctx: Context, record: VmRecord, devices: list[DeviceRecord],
             log.info("%s", back)
     gone = {d.address for d in done}
     record.devices = [d for d in record.devices if d.address not in gone]
-    with ctx.journal.modify(record.vmid, ctx.timeouts.lock) as current:
+    with ctx.records.modify(record.vmid, ctx.timeouts.lock) as current:
         current.devices = [d for d in current.devices if d.address not in gone]
     return errors
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections import namedtuple
 
-from .journal import Journal
+from .records import Records
 from .kernel import Kernel
 from .paths import Root
 
@@ -57,5 +57,5 @@ class Context:
         return self._later
 
     @property
-    def journal(self) -> Journal:
-        return Journal(self.root)
+    def records(self) -> Records:
+        return Records(self.root)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 
-from .journal import Journal, VmRecord, boot_id, boottime
+from .records import Records, VmRecord, boot_id, boottime
 from .paths import Root
 from .pci import PciAddress, PciSelector
 
@@ -67,11 +67,11 @@ class Holds:
     read holds every address its text names, and nothing else.
     """
 
-    def __init__(self, root: Root, journal: Journal, vmid: int):
+    def __init__(self, root: Root, store: Records, vmid: int):
         self.root = root
         self.vmid = vmid
         self.reserved = reservations(root)
-        records, corrupt = journal.scan()
+        records, corrupt = store.scan()
         self.records = [r for r in records if r.vmid != vmid]
         self.corrupt = [e for e in corrupt if e.vmid != vmid]
         self._boot = boot_id(root)

@@ -62,7 +62,7 @@ class Root:
 
     @property
     def lock_dir(self) -> Path:
-        # Under state_dir, not /run/lock (world-writable: see journal.py).
+        # Under state_dir, not /run/lock (world-writable: see records.py).
         return self.state_dir / "locks"
 
     @property

@@ -8,7 +8,7 @@ from .tasklog import log
 
 
 def pre_start(ctx: Context, vmid: int) -> None:
-    from .journal import device_locks
+    from .records import device_locks
     from .plan import choose, prepare
 
     plan = prepare(ctx, vmid)
@@ -29,13 +29,13 @@ def pre_start(ctx: Context, vmid: int) -> None:
                 _list_guest(ctx, vmid, plan.managed)
                 from .assign import assign  # only now: moving devices needs rebind, lvm, waits
 
-                before = ctx.journal.load(vmid)
+                before = ctx.records.load(vmid)
                 try:
                     assign(ctx, plan, generation)
                 finally:
                     # qemu-server runs no post-stop when the start fails from here on; and
                     # a device the kernel was still busy with at a rollback stays recorded.
-                    record = ctx.journal.load(vmid)
+                    record = ctx.records.load(vmid)
                     if record is not None and record.generation == generation \
                             and needs_release(record):
                         schedule_release(ctx, vmid, generation, "if this start fails")
@@ -114,15 +114,15 @@ def _list_guest(ctx: Context, vmid: int, managed) -> None:
 def _give_back_unpassed(ctx: Context, vmid: int, passed_now: set[str]) -> None:
     """Devices still in this VM's record (kept for its reboot) that its config no longer
     passes (a change applied at the restart): back to the host now."""
-    record = ctx.journal.load(vmid)
+    record = ctx.records.load(vmid)
     gone = [d.address for d in record.devices if d.address not in passed_now] if record else []
     if not gone:
         return
     from .assign import give_back
-    from .journal import device_locks
+    from .records import device_locks
 
     with device_locks(ctx.root, gone, ctx.timeouts.lock):
-        record = ctx.journal.load(vmid)  # again, under the locks
+        record = ctx.records.load(vmid)  # again, under the locks
         devices = [d for d in record.devices if d.address in gone] if record else []
         for dev in devices:
             log.info("%s: VM %d does not pass it any more: giving it back", dev.address, vmid)
@@ -140,16 +140,16 @@ def _report(plan) -> None:
 
 def post_stop(ctx: Context, vmid: int) -> None:
     from .assign import give_back
-    from .journal import device_locks
+    from .records import device_locks
     from .restarts import reboot_requested
 
-    journal = ctx.journal
-    record = journal.load(vmid)
+    records = ctx.records
+    record = records.load(vmid)
     if record is None:
         log.info("nothing recorded for VM %d: nothing to give back", vmid)
         return
     with device_locks(ctx.root, [d.address for d in record.devices], ctx.timeouts.lock):
-        record = journal.load(vmid)  # again, under the locks
+        record = records.load(vmid)  # again, under the locks
         if record is None:
             return
         if reboot_requested(ctx.root, vmid) and _keep_for_reboot(ctx, record):
@@ -170,7 +170,7 @@ def _keep_for_reboot(ctx: Context, record) -> bool:
         return False
     record.generation = record.generation or new_generation()
     record.kept_for_reboot = time.time()
-    ctx.journal.save(record)
+    ctx.records.save(record)
     if not schedule_release(ctx, record.vmid, record.generation, "kept for the reboot"):
         log.warning("VM %d: giving its devices back now instead", record.vmid)
         return False

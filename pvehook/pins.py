@@ -246,7 +246,7 @@ def check_pins(ctx, plan, managed: list[PciDevice]) -> None:
     boot = boot_id(ctx.root)
     vm_pins = data["vms"].get(str(plan.vmid), {})
     # A drive another running VM holds is refused as held (12), pinned or not.
-    holds = Holds(ctx.root, ctx.journal, plan.vmid)
+    holds = Holds(ctx.root, ctx.records, plan.vmid)
     for dev in managed:
         entry = plan.entries.get(dev.address)
         key = entry.key if entry is not None else "?"

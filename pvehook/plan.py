@@ -107,7 +107,7 @@ def choose(ctx: Context, plan: Plan) -> None:
     another start is taking counts as taken here and the next alternative is chosen."""
     config = plan.config
     existing = [d.address for d in PciDevice.all(ctx.root)]
-    holds = Holds(ctx.root, ctx.journal, config.vmid)
+    holds = Holds(ctx.root, ctx.records, config.vmid)
     try:
         resolved = resolve_vm(config, existing, plan._mappings, ctx.node, holds.is_taken)
     except PvehookError as e:
@@ -289,7 +289,7 @@ def check(ctx: Context, plan: Plan, ignore: frozenset[str] = frozenset()) -> Non
     from .pins import check_pins
 
     check_pins(ctx, plan, plan.managed)  # first: "this is not your drive" comes before the rest
-    holds = Holds(ctx.root, ctx.journal, plan.vmid)
+    holds = Holds(ctx.root, ctx.records, plan.vmid)
     plan.lines += holds.notes
     openers = Openers(ctx.root)  # one /proc scan for every device the start takes
     moving = check_groups(ctx, plan, holds, openers)

@@ -27,7 +27,7 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
-from .journal import close_locks_except
+from .records import close_locks_except
 from .kernel import Kernel
 from .pci import PciDevice
 

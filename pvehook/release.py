@@ -39,7 +39,7 @@ def qemu_server_lock(root: Root, vmid: int, timeout: float) -> Iterator[None]:
     path = root.run("lock", "qemu-server", f"lock-{vmid}.conf")
     path.parent.mkdir(mode=0o755, exist_ok=True)  # as qemu-server does
     # /run/lock is world-writable: a directory or lock file a local user planted there
-    # is neither followed nor used (the same rule as pvehook's own state, journal.py).
+    # is neither followed nor used (the same rule as pvehook's own state, records.py).
     st = os.lstat(path.parent)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
         raise StateDirError(f"{path.parent} is not a directory of root's (uid {st.st_uid})",
@@ -81,7 +81,7 @@ def release(ctx: Context, vmid: int, generation: str | None = None,
     job): nothing happens when the VM runs or a newer start owns the record.
     """
     from .assign import give_back
-    from .journal import device_locks
+    from .records import device_locks
 
     def running() -> bool:
         if not vm_running(ctx.root, vmid):
@@ -95,18 +95,18 @@ def release(ctx: Context, vmid: int, generation: str | None = None,
 
     if running():
         return
-    if ctx.journal.load(vmid) is None:  # read again under the locks below
+    if ctx.records.load(vmid) is None:  # read again under the locks below
         log.info("nothing recorded for VM %d: nothing to give back", vmid)
         return
     with qemu_server_lock(ctx.root, vmid, lock_timeout):
         if running():  # started while we waited for the lock
             return
-        record = ctx.journal.load(vmid)
+        record = ctx.records.load(vmid)
         if record is None:
             log.info("nothing recorded for VM %d: nothing to give back", vmid)
             return
         with device_locks(ctx.root, [d.address for d in record.devices], ctx.timeouts.lock):
-            record = ctx.journal.load(vmid)  # again, under the locks
+            record = ctx.records.load(vmid)  # again, under the locks
             if record is None:
                 log.info("nothing recorded for VM %d: nothing to give back", vmid)
                 return

@@ -23,7 +23,7 @@ from .context import Context
 from .errors import BindError, ConfigError, PvehookError, Refusals
 from .holds import Holds, vm_running
 from .iommu import VFIO
-from .journal import device_locks
+from .records import device_locks
 from .pci import PciAddress, PciDevice
 from .plan import Plan, choose, prepare
 
@@ -44,14 +44,14 @@ def _vm_plan(ctx: Context, vmid: int) -> Plan:
 def _record_driver(ctx: Context, vmid: int, addresses: set[str], driver: str) -> bool:
     """While the VM runs, its post-stop gives each device back to the driver in its
     record: make that `driver`. True when the VM has a record."""
-    journal = ctx.journal
-    record = journal.load(vmid)
+    records = ctx.records
+    record = records.load(vmid)
     if record is None:
         return False
     for dev in record.devices:
         if dev.address in addresses:
             dev.original_driver = driver
-    journal.save(record)
+    records.save(record)
     return True
 
 
@@ -145,7 +145,7 @@ def unreserve(ctx: Context, vmid: int, say=print) -> list[str]:
             _record_driver(ctx, vmid, addresses, NVME)
             say(f"VM {vmid} runs: its post-stop gives {', '.join(sorted(addresses))} back to nvme")
         else:
-            holds = Holds(ctx.root, ctx.journal, vmid)
+            holds = Holds(ctx.root, ctx.records, vmid)
             moves = []
             for a in sorted(addresses):
                 dev = PciDevice(ctx.root, PciAddress.parse(a))

@@ -259,7 +259,7 @@ def lock_source(ctx: Context, src: Source) -> list:
     from filelock import FileLock, Timeout
 
     from ..errors import HeldByOtherVMError
-    from ..journal import lock_path, open_state_dir
+    from ..records import lock_path, open_state_dir
 
     os.close(open_state_dir(ctx.root, ctx.root.lock_dir.name))  # ours alone, or refused
     held: list = []

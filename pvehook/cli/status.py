@@ -155,7 +155,7 @@ def vms_naming(ctx: Context) -> dict[PciAddress, list[int]]:
 def status_data(ctx: Context, vmid: int | None = None) -> list[dict]:
     root = ctx.root
     naming = vms_naming(ctx)
-    holds = Holds(root, ctx.journal, -1)
+    holds = Holds(root, ctx.records, -1)
     openers = Openers(root)  # one /proc scan for every namespace
     pins_data, boot = _pins(root)
     reserved = guestlist.read(root, guestlist.RESERVED)

@@ -309,7 +309,7 @@ def test_no_vm_takes_the_disk_mid_copy(seed, cli, monkeypatch, tmp_path):
 def test_a_start_holding_the_lock_keeps_import_raw_out(seed, cli, monkeypatch):
     """The other way round: the hook's lock (flock) held, import-raw (filelock) waits,
     then refuses with the controller named; nothing is requested from Proxmox."""
-    from pvehook.journal import device_locks
+    from pvehook.records import device_locks
 
     monkeypatch.setenv("PVEHOOK_TIMEOUT_LOCK", "0.2")
     with device_locks(seed.host.root, [A], timeout=1):

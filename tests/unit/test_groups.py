@@ -164,12 +164,12 @@ def test_a_passed_nic_that_is_the_uplink_refused(host, hook):
 
 
 def test_a_group_member_held_by_another_vm(host, hook, ctx):
-    from pvehook.journal import DeviceRecord, VmRecord
+    from pvehook.records import DeviceRecord, VmRecord
 
     host.add_driver("vfio-pci")
     nvme(host, group=5, driver="vfio-pci")
     host.add_pci(NIC, cls=NIC_CLASS, group=5)
-    ctx.journal.save(VmRecord(200, [DeviceRecord(A, "nvme", 1)]))
+    ctx.records.save(VmRecord(200, [DeviceRecord(A, "nvme", 1)]))
     host.vm_config(100, f"hostpci0: {NIC}\n")
     code, out = hook(100, "pre-start")
     assert code == 12, out
@@ -348,7 +348,7 @@ def test_a_start_takes_the_next_alternative_another_start_took(host, ctx, tmp_pa
     waiting for that lock, then chooses the second instead of being refused."""
     from pvehook import rebind
     from pvehook.hook import run
-    from pvehook.journal import DeviceRecord, VmRecord, device_locks
+    from pvehook.records import DeviceRecord, VmRecord, device_locks
     from pvehook.pci import PciAddress, PciDevice
 
     nvme(host, A, group=1)
@@ -371,7 +371,7 @@ def test_a_start_takes_the_next_alternative_another_start_took(host, ctx, tmp_pa
     with device_locks(ctx.root, [A], 5):  # VM 200's pre-start, in the middle of its run
         os.write(go_w, b"x")
         _wait_for_open(pid, ctx.root.lock_dir / f"{A}.lock")
-        ctx.journal.save(VmRecord(200, [DeviceRecord(A, "nvme", 1)]))
+        ctx.records.save(VmRecord(200, [DeviceRecord(A, "nvme", 1)]))
         assert rebind.move(ctx.kernel, [(PciDevice(ctx.root, PciAddress.parse(A)), "vfio-pci")]) == {}
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     assert code == 0, log.read_text()

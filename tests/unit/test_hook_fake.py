@@ -394,13 +394,13 @@ def test_hanging_unbind_has_a_deadline(host, hook, ctx):
 def test_killed_halfway_then_post_stop(host, hook, ctx):
     """A record written before the change, one device moved, the hook killed."""
     from pvehook import rebind
-    from pvehook.journal import DeviceRecord, VmRecord
+    from pvehook.records import DeviceRecord, VmRecord
     from pvehook.pci import PciAddress, PciDevice
 
     nvme(host, A, group=1)
     nvme(host, B, group=2)
     host.add_driver("vfio-pci")
-    ctx.journal.save(VmRecord(100, [DeviceRecord(A, "nvme", 1), DeviceRecord(B, "nvme", 1)]))
+    ctx.records.save(VmRecord(100, [DeviceRecord(A, "nvme", 1), DeviceRecord(B, "nvme", 1)]))
     assert rebind.move(ctx.kernel, [(PciDevice(ctx.root, PciAddress.parse(A)), "vfio-pci")]) == {}
     assert host.driver_of(A) == "vfio-pci"
     code, out = hook(100, "post-stop")

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pvehook.errors import HeldByOtherVMError
-from pvehook.journal import device_locks
+from pvehook.records import device_locks
 from pvehook.paths import Root
 
 A = "0000:01:00.0"
@@ -42,7 +42,7 @@ with filelock.FileLock(sys.argv[1]):
 
 HOOK_HOLDER = """
 import sys, time
-from pvehook.journal import device_locks
+from pvehook.records import device_locks
 from pvehook.paths import Root
 with device_locks(Root(sys.argv[1]), sys.argv[2:], timeout=10):
     print("held", time.monotonic(), flush=True)
@@ -109,8 +109,8 @@ def test_the_lock_directory_is_created(tmp_path):
 
 def test_the_lock_directory_is_root_only_and_filelock_shares_it(tmp_path):
     """The directory the hook makes is 0700; import-raw's filelock then locks the file
-    the hook locks (journal.lock_path), and each keeps the other out."""
-    from pvehook.journal import lock_path
+    the hook locks (records.lock_path), and each keeps the other out."""
+    from pvehook.records import lock_path
 
     root = Root(tmp_path)
     with device_locks(root, [A], timeout=1):

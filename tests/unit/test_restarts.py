@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fakesys import FakeNamespace
-from pvehook.journal import device_locks
+from pvehook.records import device_locks
 
 A = "0000:01:00.0"
 B = "0000:02:00.0"

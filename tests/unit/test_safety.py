@@ -15,7 +15,7 @@ import pytest
 
 from fakesys import FakeNamespace
 from pvehook.errors import HeldByOtherVMError, StateDirError
-from pvehook.journal import device_locks
+from pvehook.records import device_locks
 
 A = "0000:01:00.0"
 B = "0000:02:00.0"
@@ -358,7 +358,7 @@ def test_another_vms_record_is_rewritten_only_under_its_lock(host, hook, ctx, mo
     is held (VM 200's own run rewriting it): the take-over waits for that lock, and
     gives up after its deadline without moving anything or touching the record."""
     import pvehook.holds
-    from pvehook.journal import record_lock
+    from pvehook.records import record_lock
     from pvehook.pins import accept
 
     nvme(host)

@@ -201,7 +201,9 @@ class CorruptRecordError(PvehookError):
                  " once it is stopped, give back by hand what the file names and remove it")
 
 
-class Journal:
+class Records:
+    """The undo records of every VM, under /run/pvehook (one <vmid>.json each)."""
+
     def __init__(self, root: Root):
         self.root = root
         self.dir = root.state_dir
