@@ -696,3 +696,18 @@ class FakeLater:
             except PvehookError as e:
                 codes.append(e.exit_code)
         return codes
+
+
+# -- what the tests of the hook build and read most ------------------------------------
+
+def nvme(host: FakeHost, addr: str = "0000:01:00.0", group: int | None = 1,
+         partitions: int = 2, **kw) -> Path:
+    """An NVMe controller with one namespace of `partitions` partitions, serial S-<addr>."""
+    kw.setdefault("namespaces", [FakeNamespace(partitions=partitions)])
+    return host.add_pci(addr, group=group, serial=f"S-{addr}", **kw)
+
+
+def record(host: FakeHost, vmid: int) -> dict | None:
+    """VM `vmid`'s undo record as the hook left it in /run/pvehook, or None."""
+    p = host.root.state_dir / f"{vmid}.json"
+    return json.loads(p.read_text()) if p.exists() else None

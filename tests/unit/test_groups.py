@@ -8,12 +8,12 @@ what the tree shows afterwards: drivers, records, and the hook's lines.
 
 from __future__ import annotations
 
-import json
 import os
 
+import fakesys
 import pytest
 
-from fakesys import NIC_CLASS, FakeNamespace
+from fakesys import NIC_CLASS, record
 
 A = "0000:01:00.0"  # NVMe
 B = "0000:02:00.0"  # NVMe
@@ -26,13 +26,7 @@ GPU_CLASS, AUDIO_CLASS, AHCI_CLASS, ISA_CLASS = 0x030000, 0x040300, 0x010601, 0x
 
 
 def nvme(host, addr=A, group=1, **kw):
-    kw.setdefault("namespaces", [FakeNamespace(partitions=1)])
-    return host.add_pci(addr, group=group, serial=f"S-{addr}", **kw)
-
-
-def record(host, vmid):
-    p = host.root.state_dir / f"{vmid}.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    return fakesys.nvme(host, addr, group, partitions=1, **kw)
 
 
 def gpu(host, group=6):

@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from fakesys import BRIDGE_CLASS, NIC_CLASS, FakeNamespace
+from fakesys import BRIDGE_CLASS, FakeNamespace, NIC_CLASS, nvme, record
 
 A = "0000:01:00.0"
 B = "0000:02:00.0"
 NIC = "0000:03:00.0"
-
-
-def nvme(host, addr=A, group=1, **kw):
-    kw.setdefault("namespaces", [FakeNamespace(partitions=2)])
-    return host.add_pci(addr, group=group, serial=f"S-{addr}", **kw)
-
-
-def record(host, vmid):
-    p = host.root.state_dir / f"{vmid}.json"
-    return json.loads(p.read_text()) if p.exists() else None
 
 
 # -- the lifecycle ---------------------------------------------------------------------

@@ -6,21 +6,10 @@ it (/proc/<pid>/fd, faked here as the kernel shows them: symlinks to /dev/<name>
 
 from __future__ import annotations
 
-import json
 
-from fakesys import FakeNamespace
+from fakesys import nvme, record
 
 A = "0000:01:00.0"
-
-
-def nvme(host, addr=A, group=1, partitions=2):
-    return host.add_pci(addr, group=group, serial=f"S-{addr}",
-                        namespaces=[FakeNamespace(partitions=partitions)])
-
-
-def record(host, vmid):
-    p = host.root.state_dir / f"{vmid}.json"
-    return json.loads(p.read_text()) if p.exists() else None
 
 
 def unchanged(host):

@@ -8,7 +8,7 @@ import json
 import os
 import stat
 
-from fakesys import FakeNamespace
+from fakesys import FakeNamespace, record
 
 A = "0000:01:00.0"
 B = "0000:02:00.0"
@@ -35,11 +35,6 @@ def started_and_stopped(hook, vmid):
     assert code == 0, out
     assert hook(vmid, "post-stop")[0] == 0
     return out
-
-
-def record(host, vmid):
-    p = host.root.state_dir / f"{vmid}.json"
-    return json.loads(p.read_text()) if p.exists() else None
 
 
 def test_first_start_pins_the_drive_and_says_so(host, hook):

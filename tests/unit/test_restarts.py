@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import fakesys
 import pytest
 
-from fakesys import FakeNamespace
+from fakesys import record
 from pvehook.records import device_locks
 
 A = "0000:01:00.0"
@@ -23,13 +24,7 @@ BIN = Path(__file__).parent / "bin"
 
 
 def nvme(host, addr=A, group=1, **kw):
-    kw.setdefault("namespaces", [FakeNamespace(partitions=1)])
-    return host.add_pci(addr, group=group, serial=f"S-{addr}", **kw)
-
-
-def record(host, vmid):
-    p = host.root.state_dir / f"{vmid}.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    return fakesys.nvme(host, addr, group, partitions=1, **kw)
 
 
 def reboot_flag(host, vmid):

@@ -4,7 +4,6 @@ directories someone else made, odd vmids. What the tree shows afterwards."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fakesys import FakeNamespace
-from pvehook.errors import HeldByOtherVMError, StateDirError
+from fakesys import nvme, record
+from pvehook.errors import HeldByOtherVMError
 from pvehook.records import device_locks
 
 A = "0000:01:00.0"
@@ -32,16 +31,6 @@ from pvehook.hook import run
 host = FakeHost.reopen(sys.argv[1])
 sys.exit(run(sys.argv[2:], Context(root=host.root, kernel=FakeKernel(host), node="pve1")))
 """
-
-
-def nvme(host, addr=A, group=1, **kw):
-    kw.setdefault("namespaces", [FakeNamespace(partitions=2)])
-    return host.add_pci(addr, group=group, serial=f"S-{addr}", **kw)
-
-
-def record(host, vmid):
-    p = host.root.state_dir / f"{vmid}.json"
-    return json.loads(p.read_text()) if p.exists() else None
 
 
 def override(host, addr):
