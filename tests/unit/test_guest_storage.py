@@ -194,6 +194,21 @@ def test_safety_net_deactivates_an_unused_guest_vg(host, hook, storage):
     assert host.driver_of(A) == "vfio-pci"
 
 
+def test_a_start_refused_for_another_reason_deactivates_nothing(host, hook, storage):
+    """The safety net acts only once every check passed: here the other partition of the
+    disk is mounted (the host uses it, perhaps it is the host's own disk), so the guest
+    VG on the first one stays active and the controller stays on nvme."""
+    p1, p2 = host.namespaces_of(A)[1:3]
+    storage.vg("guestvg", "U1", [p1])
+    host.mount(p2, "/srv")
+    host.vm_config(100, f"hostpci0: {A}\n")
+    code, out = hook(100, "pre-start")
+    assert code == 11, out
+    assert f"would deactivate volume group guestvg on {p1}" in out
+    assert storage.active() == ["U1"]
+    assert host.driver_of(A) == "nvme"
+
+
 def test_safety_net_leaves_an_open_lv_and_the_start_is_refused(host, hook, storage):
     p1 = host.namespaces_of(A)[1]
     storage.vg("guestvg", "U1", [p1], lv_open=True)
