@@ -389,3 +389,30 @@ def test_a_device_kept_for_a_reboot_is_not_taken_by_another_vm(host, hook, ctx, 
     code, out = hook(200, "pre-start")
     assert code == 12 and "VM 100" in out, out
     assert host.driver_of(A) == "vfio-pci" and record(host, 100)["kept_for_reboot"]
+
+
+def test_a_planted_qemu_server_lock_directory_is_not_used(host, hook, ctx):
+    """/run/lock is world-writable: a /run/lock/qemu-server a local user made first (or a
+    lock file that is a link) is neither followed nor written; the device stays where it
+    is and the message says what to do."""
+    from pvehook.errors import StateDirError
+    from pvehook.release import release
+
+    nvme(host)
+    host.vm_config(100, f"hostpci0: {A}\n")
+    assert hook(100, "pre-start")[0] == 0
+    lockdir = host.root.run("lock", "qemu-server")
+    lockdir.mkdir()
+    os.chown(lockdir, 1000, 1000)
+    with pytest.raises(StateDirError, match="not a directory of root's"):
+        release(ctx, 100)
+    assert host.driver_of(A) == "vfio-pci"
+    os.chown(lockdir, 0, 0)
+    target = host.base / "etc-shadow"
+    os.symlink(target, lockdir / "lock-100.conf")
+    with pytest.raises(StateDirError, match="a link"):
+        release(ctx, 100)
+    assert not target.exists() and host.driver_of(A) == "vfio-pci"
+    os.unlink(lockdir / "lock-100.conf")
+    release(ctx, 100)
+    assert host.driver_of(A) == "nvme"
