@@ -114,6 +114,28 @@ def stack_use(dev: BlockDevice, all_mounts: list[Mount], active_swaps: set[str],
     return out, stack
 
 
+def loop_backings(root: Root) -> dict[str, str]:
+    """loopN -> the block device it is backed by (kernel name), for every loop device
+    over a block device: the loop driver holds its backing file in the kernel, no
+    process's fd and no holders/ link shows it."""
+    import os
+
+    out = {}
+    base = root.sys("block")
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("loop")]
+    except FileNotFoundError:
+        return out
+    for name in names:
+        try:
+            backing = (base / name / "loop" / "backing_file").read_text().strip()
+        except OSError:  # not set up
+            continue
+        if backing.startswith("/dev/"):
+            out[name] = os.path.basename(os.path.realpath(root.path / backing.lstrip("/")))
+    return out
+
+
 def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice],
              openers: Openers | None = None, ignore: frozenset[str] = frozenset()) -> DiskUse:
     """`openers`: one run's scan of /proc, shared by every call of the run (the scan
@@ -124,11 +146,14 @@ def host_use(root: Root, kernel: Kernel, disks: list[BlockDevice],
     openers = openers if openers is not None else Openers(root)
     all_mounts = mounts(root)
     active_swaps = swaps(root)
+    loops = loop_backings(root)
     for disk in disks:
         members = [disk, *disk.partitions()]
         for dev in members:
             uses, stack = stack_use(dev, all_mounts, active_swaps, ignore=ignore)
             use.reasons += [f"{dev.name} {u}" for u in uses]
+            use.reasons += [f"{dev.name} backs the loop device {loop} (losetup -d /dev/{loop})"
+                            for loop, backing in sorted(loops.items()) if backing == dev.name]
             _open_by(openers, dev, stack, use)
             props = dev.udev() or {}
             fs = props.get("ID_FS_TYPE")

@@ -171,3 +171,20 @@ def test_a_reader_that_closes_within_the_grace_is_not_a_holder(host, ctx):
     host.open_file(33, "/dev/nvme0n1p2", comm="dd")
     use = host_use(host.root, ctx.kernel, [disk], Openers(host.root, grace=0.2))
     assert use.reasons == ["nvme0n1p2 is open by pid 33 (dd)"]
+
+
+def test_a_loop_device_over_the_namespace_refuses(host, hook):
+    """`losetup /dev/loop0 /dev/nvme0n1`: the loop driver holds the namespace in the
+    kernel; no process's fd and no holders/ link shows it, only loop's backing_file."""
+    nvme(host)
+    host.vm_config(101, f"hostpci0: {A}\n")
+    name = host.namespaces_of(A)[0]
+    loop = host.root.sys("block", "loop0", "loop")
+    loop.mkdir(parents=True)
+    (loop / "backing_file").write_text(f"/dev/{name}\n")
+    code, out = hook(101, "pre-start")
+    assert code == 11, out
+    assert f"{name} backs the loop device loop0" in out
+    unchanged(host)
+    (loop / "backing_file").unlink()  # losetup -d
+    assert hook(101, "pre-start")[0] == 0

@@ -97,7 +97,16 @@ fact ns_driver "$(vm_driver $H)"
 fact ns_pid $NSP
 kill $NSP; wait $NSP 2>/dev/null
 
-# 4. nobody holds it: pre-start passes and warns about VM 300's config
+# 4. a loop device over the namespace: the loop driver holds it in the kernel (no fd,
+# no holders/ link); its backing_file names it
+modprobe loop
+losetup /dev/loop0 $D
+fact loop_backing "$(cat /sys/block/loop0/loop/backing_file)"
+run_hook loop 101 pre-start
+fact loop_driver "$(vm_driver $H)"
+losetup -d /dev/loop0
+
+# 5. nobody holds it: pre-start passes and warns about VM 300's config
 check_source import_free $BYID
 run_hook free 101 pre-start
 fact free_driver "$(vm_driver $H)"
@@ -145,6 +154,10 @@ def test_a_namespace_open_by_another_vm_is_not_taken(vm_workdir):
     assert f"nvme0n1 is open by pid {f['ns_pid']} (sleep)" in log("ns")
     assert f["other_disk"] not in log("ns")
     assert f["ns_driver"] == "nvme"
+
+    assert f["loop_backing"] == "/dev/nvme0n1"
+    assert f["rc_loop"] == "11" and "nvme0n1 backs the loop device loop0" in log("loop")
+    assert f["loop_driver"] == "nvme"
 
     assert f["rc_import_free"] == "0", log("import_free")
     warning = (f"warning: VM 300 (not running) has nvme0n1 by path in its config"
