@@ -13,7 +13,7 @@ import os
 import fakesys
 import pytest
 
-from fakesys import NIC_CLASS, record
+from fakesys import NIC_CLASS, record, start_together
 
 A = "0000:01:00.0"  # NVMe
 B = "0000:02:00.0"  # NVMe
@@ -376,8 +376,6 @@ def test_a_start_takes_the_next_alternative_another_start_took(host, ctx, tmp_pa
 
 def test_two_starts_with_the_same_mapping_both_start(host, ctx):
     """Two pre-starts at once, in two processes, one mapping with two alternatives."""
-    from pvehook.hook import run
-
     nvme(host, A, group=1)
     nvme(host, B, group=2)
     for addr in (A, B):
@@ -388,15 +386,7 @@ def test_two_starts_with_the_same_mapping_both_start(host, ctx):
         f"\tmap node=pve1,path={B},id=1b36:0010,iommugroup=2\n")
     host.vm_config(100, "hostpci0: mapping=disk\n")
     host.vm_config(200, "hostpci0: mapping=disk\n")
-    pids = []
-    for vmid in (100, 200):
-        pid = os.fork()
-        if pid == 0:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os._exit(run([str(vmid), "pre-start"], ctx))
-        pids.append(pid)
-    codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids]
+    codes = start_together(ctx, (100, 200))
     assert codes == [0, 0]
     assert host.driver_of(A) == host.driver_of(B) == "vfio-pci"
     taken = sorted(d["address"] for v in (100, 200) for d in record(host, v)["devices"])

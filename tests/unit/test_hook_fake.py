@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fakesys import BRIDGE_CLASS, FakeNamespace, NIC_CLASS, nvme, record
+from fakesys import BRIDGE_CLASS, FakeNamespace, NIC_CLASS, nvme, record, start_together
 
 A = "0000:01:00.0"
 B = "0000:02:00.0"
@@ -480,16 +480,6 @@ def test_two_vms_one_device_exactly_one_wins(host, ctx):
     host.fault(A, "unbind", "delay", 0.3)  # widen the window
     host.vm_config(100, f"hostpci0: {A}\n")
     host.vm_config(200, f"hostpci0: {A}\n")
-    from pvehook.hook import run
-
-    pids = []
-    for vmid in (100, 200):
-        pid = os.fork()
-        if pid == 0:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os._exit(run([str(vmid), "pre-start"], ctx))
-        pids.append(pid)
-    codes = sorted(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in pids)
+    codes = sorted(start_together(ctx, (100, 200)))
     assert codes == [0, 12]
     assert host.driver_of(A) == "vfio-pci"
