@@ -192,17 +192,6 @@ def fake_node(base: Path, controllers: int, vms: int = 0, vm_devices: dict | Non
     return host
 
 
-def reopen_fake_host(base: Path):
-    """The FakeHost over an existing tree (FakeHost() would initialise it again)."""
-    from fakesys import FakeHost
-    from pvehook.paths import Root
-
-    host = FakeHost.__new__(FakeHost)
-    host.base = Path(base)
-    host.root = Root(host.base)
-    host.sys = host.root.sys()
-    host.fake = host.base / "fake"
-    return host
 
 
 def rusage_self() -> tuple[float, float]:

@@ -15,16 +15,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from fakesys import FakeHost, FakeKernel  # noqa: E402
-from pvehook.paths import Root  # noqa: E402
 
 if sys.argv[2] == "--imports-only":
     sys.exit(0)
 
-host = FakeHost.__new__(FakeHost)  # FakeHost() would initialise the tree again
-host.base = Path(sys.argv[1])
-host.root = Root(host.base)
-host.sys = host.root.sys()
-host.fake = host.base / "fake"
+host = FakeHost.reopen(sys.argv[1])
 
 from pvehook.context import Context  # noqa: E402
 from pvehook.hook import run  # noqa: E402

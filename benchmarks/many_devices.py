@@ -29,18 +29,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (REPO, base_env, fake_node, footer, header, med, nvme_addr,  # noqa: E402
-                     reopen_fake_host, run)
+                     run)
 
 DRIVER = str(REPO / "benchmarks" / "_fakehook.py")
 
 
 def sequential(tree: Path, n: int, target: str | None) -> float:
     """Move the n controllers one after another, in this process (no hook run)."""
-    from fakesys import FakeKernel
+    from fakesys import FakeHost, FakeKernel
     from pvehook import rebind
     from pvehook.pci import PciAddress, PciDevice
 
-    host = reopen_fake_host(tree)
+    host = FakeHost.reopen(tree)
     kernel = FakeKernel(host)
     t0 = time.perf_counter()
     for i in range(n):

@@ -11,12 +11,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import pvehook.context  # noqa: E402
 from fakesys import FakeHost, FakeKernel  # noqa: E402
 from pvehook.cli import main  # noqa: E402
-from pvehook.paths import Root  # noqa: E402
 
-host = FakeHost.__new__(FakeHost)  # FakeHost() would initialise the tree again
-host.base = Path(os.environ["PVEHOOK_ROOT"])
-host.root = Root(host.base)
-host.sys = host.root.sys()
-host.fake = host.base / "fake"
+host = FakeHost.reopen(os.environ["PVEHOOK_ROOT"])
 pvehook.context.Kernel = lambda: FakeKernel(host)
 main(sys.argv[1:])
